@@ -1,0 +1,1 @@
+"""Subcommands of the ``dsclora`` CLI, one module each (see ``dsclora.cli``)."""

@@ -1,0 +1,129 @@
+"""Read SPAN checkpoints safely and build the matching model (``load_model``)."""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .span import SPAN
+
+WRAPPER_KEYS = ("params_ema", "params", "state_dict")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not describe a SPAN model."""
+
+
+@dataclass(frozen=True)
+class SpanConfig:
+    """Architecture hyper-parameters read off a state dict's shapes."""
+
+    feature_channels: int
+    cat_channels: int
+    upscale: int
+    in_channels: int
+    out_channels: int
+    form: str  # "train" (Conv3XC branches present) or "eval"
+
+    def build(self) -> SPAN:
+        return SPAN(
+            self.feature_channels, self.cat_channels, self.upscale,
+            self.in_channels, self.out_channels, form=self.form,
+        )
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and (safetensors) metadata of a ``.pth``/``.pt``/``.safetensors`` file.
+
+    ``.pth`` files are read with ``weights_only=True``: loading never executes code from them.
+    Wrappers ``params_ema`` > ``params`` > ``state_dict`` are unwrapped, ``module.`` stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    metadata: dict[str, str] = {}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                obj = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated, or a pickle that wants to run code
+        raise CheckpointError(f"{path}: cannot be read as a weights-only checkpoint: {exc}") from exc
+    return unwrap_state_dict(obj, str(path)), metadata
+
+
+def unwrap_state_dict(obj, source: str = "state dict") -> dict[str, torch.Tensor]:
+    """The flat tensor dict inside ``obj`` (see ``read_state_dict``)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
+    for key in WRAPPER_KEYS:
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: key {key!r} holds a {type(value).__name__}, not a tensor")
+        state[key.removeprefix("module.")] = value
+    return state
+
+
+def detect_config(state: dict[str, torch.Tensor], source: str = "state dict") -> SpanConfig:
+    """Infer C, Cc, scale, channels and form of a SPAN state dict from its shapes."""
+    form = "train" if "conv_1.sk.weight" in state else "eval"
+    first = "conv_1.sk.weight" if form == "train" else "conv_1.eval_conv.weight"
+    for key in (first, "conv_cat.weight", "upsampler.0.weight"):
+        if key not in state:
+            raise CheckpointError(f"{source}: not a SPAN checkpoint, key {key!r} is missing")
+    c, c_in = state[first].shape[:2]
+    cc = state["conv_cat.weight"].shape[0]
+    up_out = state["upsampler.0.weight"].shape[0]
+    out_channels = c_in  # SR maps RGB->RGB (or gray->gray); the file cannot tell otherwise
+    scale = math.isqrt(up_out // out_channels) if up_out % out_channels == 0 else 0
+    if scale < 1 or scale * scale * out_channels != up_out:
+        raise CheckpointError(
+            f"{source}: 'upsampler.0.weight' has {up_out} output channels, "
+            f"not {out_channels}*scale^2 for an integer scale"
+        )
+    return SpanConfig(int(c), int(cc), scale, int(c_in), out_channels, form)
+
+
+def check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a CheckpointError naming every missing, unexpected or mis-shaped key."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k]
+    )
+    problems = [
+        f"{name}: {', '.join(items)}"
+        for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("mis-shaped keys", misshaped))
+        if items
+    ]
+    if problems:
+        raise CheckpointError(f"{source}: does not match SPAN: " + "; ".join(problems))
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise CheckpointError(f"{source}: non-finite values in {', '.join(bad)}")
+
+
+def load_model(weights, device: str | torch.device = "cpu") -> SPAN:
+    """A SPAN in eval mode from a checkpoint path or a state dict (architecture auto-detected)."""
+    if isinstance(weights, (str, Path)):
+        source = str(weights)
+        state, _ = read_state_dict(weights)
+    else:
+        source = "state dict"
+        state = unwrap_state_dict(weights, source)
+    model = detect_config(state, source).build()
+    check_keys(model, state, source)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()

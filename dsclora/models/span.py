@@ -1,0 +1,88 @@
+"""SPAN (Swift Parameter-free Attention Network), the backbone DSCLoRA fine-tunes (SPEC §2)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conv3xc import Conv3XC
+
+DEFAULT_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+class SPAB(nn.Module):
+    """Swift parameter-free attention block: (B, C, H, W) -> (out, h1), both (B, C, H, W).
+
+    ``h1 = silu(c1_r(x))`` is returned post-activation, as the official code's in-place
+    SiLU does (SPEC §2 quirk); SPAN concatenates block_6's ``h1``.
+    """
+
+    def __init__(self, channels: int, form: str = "train"):
+        super().__init__()
+        self.c1_r = Conv3XC(channels, channels, form=form)
+        self.c2_r = Conv3XC(channels, channels, form=form)
+        self.c3_r = Conv3XC(channels, channels, form=form)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h1 = F.silu(self.c1_r(x))
+        h2 = F.silu(self.c2_r(h1))
+        o3 = self.c3_r(h2)
+        return (o3 + x) * (torch.sigmoid(o3) - 0.5), h1
+
+
+class SPAN(nn.Module):
+    """SPAN super-resolution network: (B, in_channels, H, W) in [0, 1] -> (B, out_channels, sH, sW).
+
+    ``form="train"`` builds Conv3XC training branches, ``form="eval"`` only the collapsed
+    3x3 convs (the layout of the released checkpoints). The output is not clamped.
+    """
+
+    def __init__(
+        self,
+        feature_channels: int,
+        cat_channels: int | None = None,
+        upscale: int = 4,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        img_range: float = 255.0,
+        rgb_mean: tuple[float, ...] | None = None,
+        form: str = "train",
+    ):
+        super().__init__()
+        c, cc = feature_channels, cat_channels or feature_channels
+        if rgb_mean is None:
+            rgb_mean = DEFAULT_RGB_MEAN if in_channels == 3 else (0.0,) * in_channels
+        if len(rgb_mean) != in_channels:
+            raise ValueError(f"rgb_mean has {len(rgb_mean)} values for {in_channels} input channels")
+        self.feature_channels, self.cat_channels, self.upscale = c, cc, upscale
+        self.in_channels, self.out_channels, self.img_range = in_channels, out_channels, img_range
+        self.register_buffer("mean", torch.tensor(rgb_mean).view(1, -1, 1, 1), persistent=False)
+        self.conv_1 = Conv3XC(in_channels, c, form=form)
+        for i in range(1, 7):
+            setattr(self, f"block_{i}", SPAB(c, form=form))
+        self.conv_cat = nn.Conv2d(4 * c, cc, 1)
+        self.conv_2 = Conv3XC(c, c, form=form)
+        self.upsampler = nn.Sequential(
+            nn.Conv2d(cc, out_channels * upscale**2, 3, padding=1), nn.PixelShuffle(upscale)
+        )
+
+    @property
+    def blocks(self) -> list[SPAB]:
+        return [getattr(self, f"block_{i}") for i in range(1, 7)]
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        """SR image; with ``return_features`` also the six block outputs [F1..F6] (B, C, H, W)."""
+        f0 = self.conv_1((x - self.mean) * self.img_range)
+        features, h = [], f0
+        for block in self.blocks:
+            h, h1 = block(h)
+            features.append(h)
+        f1, f6 = features[0], features[-1]
+        cat = torch.cat([f0, self.conv_2(f6), f1, h1], dim=1)
+        out = self.upsampler(self.conv_cat(cat))
+        return (out, features) if return_features else out
+
+    def reparameterize(self) -> "SPAN":
+        """Collapse every Conv3XC into its 3x3 ``eval_conv`` for good; returns self."""
+        for m in self.modules():
+            if isinstance(m, Conv3XC):
+                m.reparameterize()
+        return self
