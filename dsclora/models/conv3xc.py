@@ -37,6 +37,21 @@ class Conv3XC(nn.Module):
             return self.sk(x) + self.conv(F.pad(x, (1, 1, 1, 1)))
         return self.eval_conv(x)
 
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eval-form 3x3 (weight, bias) this module applies now, differentiable.
+
+        Training form in training mode: collapsed from the branches on the fly. Otherwise
+        ``eval_conv``'s; a conv that adapts its weight (``dsclora.lora.ConvLoRA``) provides
+        ``effective_weight()``, which is used instead of its frozen ``weight``.
+        """
+        if self.has_branches and self.training:
+            return collapse_branches(
+                self.conv[0].weight, self.conv[0].bias, self.conv[1].weight, self.conv[1].bias,
+                self.conv[2].weight, self.conv[2].bias, self.sk.weight, self.sk.bias,
+            )
+        effective = getattr(self.eval_conv, "effective_weight", None)
+        return (effective() if effective else self.eval_conv.weight), self.eval_conv.bias
+
     def train(self, mode: bool = True):
         super().train(mode)
         if not mode and self.has_branches:
@@ -52,10 +67,8 @@ class Conv3XC(nn.Module):
     @torch.no_grad()
     def _collapse(self) -> None:
         weight, bias = collapse_branches(
-            self.conv[0].weight, self.conv[0].bias,
-            self.conv[1].weight, self.conv[1].bias,
-            self.conv[2].weight, self.conv[2].bias,
-            self.sk.weight, self.sk.bias,
+            self.conv[0].weight, self.conv[0].bias, self.conv[1].weight, self.conv[1].bias,
+            self.conv[2].weight, self.conv[2].bias, self.sk.weight, self.sk.bias,
         )
         self.eval_conv.weight.copy_(weight)
         self.eval_conv.bias.copy_(bias)
