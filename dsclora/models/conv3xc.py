@@ -45,10 +45,7 @@ class Conv3XC(nn.Module):
         ``effective_weight()``, which is used instead of its frozen ``weight``.
         """
         if self.has_branches and self.training:
-            return collapse_branches(
-                self.conv[0].weight, self.conv[0].bias, self.conv[1].weight, self.conv[1].bias,
-                self.conv[2].weight, self.conv[2].bias, self.sk.weight, self.sk.bias,
-            )
+            return self._collapsed()
         effective = getattr(self.eval_conv, "effective_weight", None)
         return (effective() if effective else self.eval_conv.weight), self.eval_conv.bias
 
@@ -64,12 +61,16 @@ class Conv3XC(nn.Module):
             self._collapse()
             del self.sk, self.conv
 
+    def _collapsed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        conv1, conv2, conv3 = self.conv
+        return collapse_branches(
+            conv1.weight, conv1.bias, conv2.weight, conv2.bias,
+            conv3.weight, conv3.bias, self.sk.weight, self.sk.bias,
+        )
+
     @torch.no_grad()
     def _collapse(self) -> None:
-        weight, bias = collapse_branches(
-            self.conv[0].weight, self.conv[0].bias, self.conv[1].weight, self.conv[1].bias,
-            self.conv[2].weight, self.conv[2].bias, self.sk.weight, self.sk.bias,
-        )
+        weight, bias = self._collapsed()
         self.eval_conv.weight.copy_(weight)
         self.eval_conv.bias.copy_(bias)
 
