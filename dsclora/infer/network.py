@@ -1,0 +1,56 @@
+"""The fused inference network: SPAN on merged weights (``FusedSpan``)."""
+import torch
+import torch.nn.functional as F
+
+from .merge import MergedSpan, add_border_correction
+
+
+def eager_spab(x, w1, b1, w2, b2, w3, b3):
+    """One SPAB on eval-form weights with plain convs: (B, C, H, W) -> (out, h1)."""
+    h1 = F.silu(F.conv2d(x, w1, b1, padding=1))
+    o3 = F.conv2d(F.silu(F.conv2d(h1, w2, b2, padding=1)), w3, b3, padding=1)
+    return (o3 + x) * (torch.sigmoid(o3) - 0.5), h1
+
+
+class FusedSpan:
+    """SPAN forward on a MergedSpan: (B, in, H, W) in [0, 1] -> (B, out, sH, sW), not clamped.
+
+    Runs the blocks with ``spab`` (default: the fused op ``dsclora_kernels.spab``) and the
+    remaining layers as few plain convs in ``memory_format``: conv_1 (normalisation folded),
+    one 3x3 conv for conv_2 + its conv_cat slice, three GEMMs accumulating the rest of
+    conv_cat (no concatenation), the upsampler conv and the pixel shuffle.
+    """
+
+    def __init__(self, merged: MergedSpan, device="cpu", dtype=torch.float32,
+                 memory_format=torch.channels_last, spab=None):
+        self.merged = merged.to(device, dtype)
+        self.scale, self.device, self.dtype = merged.scale, torch.device(device), dtype
+        self.memory_format = memory_format
+        self.spab = spab or _fused_spab()
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.merged
+        x = x.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+        f0 = add_border_correction(F.conv2d(x, *m.conv_1, padding=1), m.conv_1_border)
+        h = f0
+        for i, weights in enumerate(m.blocks):
+            h, h1 = self.spab(h, *weights)
+            if i == 0:
+                f1 = h
+        rows = _pixels(F.conv2d(h, *m.tail, padding=1))
+        for feature, weight in zip((f0, f1, h1), m.cat_rest):
+            rows.addmm_(_pixels(feature), weight)
+        b, _, height, width = x.shape
+        cat = rows.view(b, height, width, -1).permute(0, 3, 1, 2)  # (B, Cc, H, W) channels_last
+        y = F.conv2d(cat.contiguous(memory_format=self.memory_format), *m.upsampler, padding=1)
+        return F.pixel_shuffle(y, self.scale).contiguous()
+
+
+def _pixels(t: torch.Tensor) -> torch.Tensor:
+    """(B*H*W, C) rows of t (B, C, H, W): a view when t is channels_last, else a copy."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _fused_spab():
+    return eager_spab  # placeholder until dsclora_kernels.spab lands
