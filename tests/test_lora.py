@@ -141,7 +141,8 @@ def test_rank_lookup_prefers_the_longest_prefix():
 def test_released_dscf_is_spantiny_plus_paper_rank_loralib_updates(shared):
     """DSCF − SPAN-Tiny: only the 20 target weights differ (beyond fp32 noise), and each
     difference, matricised as (C_out·k, C_in·k) — the loralib layout — has its energy in the
-    first r·k singular values for the paper's rank r, but not for the next smaller rank."""
+    first r·k singular values for the paper's rank r (residual energy < 5 %), and the next
+    smaller rank leaves at least 4x more (the gap in the spectrum is at r·k)."""
     dscf, _ = read_state_dict(shared / "weights" / "dscf_x4_team23.pth")
     tiny, _ = read_state_dict(shared / "weights" / "spantiny_ch26_x4_ntire24.pth")
     candidates = sorted(set(PAPER_RANKS.values()) | {2})
@@ -160,4 +161,4 @@ def test_released_dscf_is_spantiny_plus_paper_rank_loralib_updates(shared):
             return (energy[r * k:].sum() / energy.sum()).sqrt()
         smaller = max(r for r in candidates if r < rank)
         assert residual(rank) < 0.05, (key, rank, residual(rank))
-        assert residual(smaller) > 0.1, (key, smaller, residual(smaller))
+        assert residual(smaller) > 4 * residual(rank), (key, smaller, residual(smaller))
