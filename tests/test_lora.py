@@ -162,6 +162,6 @@ def test_released_dscf_is_spantiny_plus_paper_rank_loralib_updates(shared):
         smaller = max(r for r in candidates if r < rank)
         assert residual(rank) < 0.05, (key, rank, residual(rank))
         assert residual(smaller) > 4 * residual(rank), (key, smaller, residual(smaller))
-        # HF peft's matricisation (C_out, C_in·k·k) at rank r does not explain the update
-        peft = torch.linalg.svdvals(diff.reshape(c_out, c_in * k * k)) ** 2
-        assert (peft[rank:].sum() / peft.sum()).sqrt() > 0.2, key
+        if 2 * rank < c_out:  # HF peft's matricisation (C_out, C_in·k·k) does not explain it
+            peft = torch.linalg.svdvals(diff.reshape(c_out, c_in * k * k)) ** 2
+            assert (peft[rank:].sum() / peft.sum()).sqrt() > 0.2, key
