@@ -1,7 +1,7 @@
 """Fold a SPAN into the plain tensors the fused inference network runs (``merge_span``).
 
 Everything that costs nothing at training time but something at inference time is folded
-once, exactly (in float64): Conv3XC branches, ConvLoRA adapters (their ``effective_weight()``),
+once, exactly (in float64): Conv3XC branches, ConvLoRA adapters (``dsclora.lora.merge_dsclora``),
 the input normalisation ``(x - mean) * img_range`` (into conv_1), and conv_2 (into the slice
 of conv_cat that reads it: a 3x3 conv followed by a 1x1 conv is one 3x3 conv).
 """
@@ -52,16 +52,17 @@ class MergedSpan:
 
 
 def conv_params(conv: nn.Module) -> tuple[Tensor, Tensor]:
-    """(weight, bias) a conv applies now: a Conv3XC's eval form, a ConvLoRA's merged weight."""
-    if isinstance(conv, Conv3XC):
-        return conv.weight_and_bias()
-    effective = getattr(conv, "effective_weight", None)
-    return (effective() if effective else conv.weight), conv.bias
+    """(weight, bias) a plain conv or a Conv3XC (its eval form) applies now."""
+    return conv.weight_and_bias() if isinstance(conv, Conv3XC) else (conv.weight, conv.bias)
 
 
 @torch.no_grad()
 def merge_span(model: SPAN) -> MergedSpan:
     """The MergedSpan of ``model`` (not modified), in float64 on the CPU."""
+    if any(hasattr(m, "effective_weight") for m in model.modules()):
+        from dsclora.lora import merge_dsclora  # ConvLoRA adapters: merged into a plain copy
+
+        model = merge_dsclora(model)
     f64 = lambda pair: tuple(t.detach().double().cpu() for t in pair)  # noqa: E731
     c = model.feature_channels
     w1, b1 = f64(conv_params(model.conv_1))
