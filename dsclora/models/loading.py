@@ -1,4 +1,6 @@
 """Read SPAN checkpoints safely and build the matching model (``load_model``)."""
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,6 +10,8 @@ import torch
 from .span import SPAN
 
 WRAPPER_KEYS = ("params_ema", "params", "state_dict")
+#: SpanConfig fields that checkpoint metadata may declare and the shapes must confirm.
+SHAPE_FIELDS = ("feature_channels", "cat_channels", "upscale", "in_channels", "out_channels")
 
 
 class CheckpointError(ValueError):
@@ -16,7 +20,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class SpanConfig:
-    """Architecture hyper-parameters read off a state dict's shapes."""
+    """Architecture hyper-parameters read off a state dict's shapes (and its metadata)."""
 
     feature_channels: int
     cat_channels: int
@@ -24,11 +28,14 @@ class SpanConfig:
     in_channels: int
     out_channels: int
     form: str  # "train" (Conv3XC branches present) or "eval"
+    # Input normalisation: shapes cannot reveal it, only checkpoint metadata can.
+    img_range: float = 255.0
+    rgb_mean: tuple[float, ...] | None = None  # None: SPAN's default
 
     def build(self) -> SPAN:
         return SPAN(
             self.feature_channels, self.cat_channels, self.upscale,
-            self.in_channels, self.out_channels, form=self.form,
+            self.in_channels, self.out_channels, self.img_range, self.rgb_mean, form=self.form,
         )
 
 
@@ -92,6 +99,35 @@ def detect_config(state: dict[str, torch.Tensor], source: str = "state dict") ->
     return SpanConfig(int(c), int(cc), scale, int(c_in), out_channels, form)
 
 
+def apply_metadata(config: SpanConfig, metadata: dict[str, str], source: str) -> SpanConfig:
+    """``config`` checked against and completed by a checkpoint's metadata (written by
+    ``dsclora.export``): shape-derived fields must agree, normalisation is taken from it.
+    Files without ``architecture`` metadata (the released ``.pth`` files) pass unchanged.
+    """
+    if "architecture" not in metadata:
+        return config
+    if metadata["architecture"] != "SPAN":
+        raise CheckpointError(f"{source}: metadata 'architecture' is {metadata['architecture']!r}, not 'SPAN'")
+    try:
+        declared = {f: int(metadata[f]) for f in SHAPE_FIELDS if f in metadata}
+        img_range = float(metadata.get("img_range", config.img_range))
+        rgb_mean = config.rgb_mean
+        if "rgb_mean" in metadata:
+            rgb_mean = tuple(float(v) for v in json.loads(metadata["rgb_mean"]))
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{source}: malformed metadata: {exc}") from exc
+    for field, value in declared.items():
+        if value != getattr(config, field):
+            raise CheckpointError(
+                f"{source}: metadata {field!r} = {value} but the weights' shapes give {getattr(config, field)}"
+            )
+    if rgb_mean is not None and len(rgb_mean) != config.in_channels:
+        raise CheckpointError(
+            f"{source}: metadata 'rgb_mean' has {len(rgb_mean)} values for {config.in_channels} input channels"
+        )
+    return dataclasses.replace(config, img_range=img_range, rgb_mean=rgb_mean)
+
+
 def check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Raise a CheckpointError naming every missing, unexpected or mis-shaped key."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -117,13 +153,14 @@ def check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
 
 def load_model(weights, device: str | torch.device = "cpu") -> SPAN:
     """A SPAN in eval mode from a checkpoint path or a state dict (architecture auto-detected)."""
+    metadata: dict[str, str] = {}
     if isinstance(weights, (str, Path)):
         source = str(weights)
-        state, _ = read_state_dict(weights)
+        state, metadata = read_state_dict(weights)
     else:
         source = "state dict"
         state = unwrap_state_dict(weights, source)
-    model = detect_config(state, source).build()
+    model = apply_metadata(detect_config(state, source), metadata, source).build()
     check_keys(model, state, source)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
