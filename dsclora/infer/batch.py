@@ -1,5 +1,6 @@
 """Batch upscaling of image files: decode and encode in background threads, errors per file."""
 import glob
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -96,7 +97,7 @@ def upscale_files(upscaler: Upscaler, pairs, out_scale: float | None = None,
                 writes.append((src, writers.submit(save_image, dst, rgb, alpha, bits, image.gray)))
             except Exception as exc:  # one bad file must not stop the batch
                 failures[str(src)] = _describe(src, exc)
-                bar.write(f"dsclora infer: FAILED {src}: {failures[str(src)]}")
+                bar.write(f"dsclora infer: FAILED {src}: {failures[str(src)]}", file=sys.stderr)
             bar.update()
         bar.close()
         for src, future in writes:
