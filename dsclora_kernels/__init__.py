@@ -2,8 +2,10 @@
 the GPU, C++ kernels for the CPU (``csrc/``), all registered as ``torch.library`` custom ops
 in the ``dsclora`` namespace."""
 from ._dispatch import use_backend
+from .affinity import spatial_affinity_loss
+from .affinity_reference import spatial_affinity_loss_reference
 
 #: Compiled CPU modules (``csrc/<name>.cpp`` -> ``dsclora_kernels._<name>``).
-EXTENSIONS = ("metrics",)
+EXTENSIONS = ("metrics", "affinity")
 
-__all__ = ["use_backend", "EXTENSIONS"]
+__all__ = ["use_backend", "EXTENSIONS", "spatial_affinity_loss", "spatial_affinity_loss_reference"]

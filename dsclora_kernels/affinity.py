@@ -1,0 +1,182 @@
+"""The spatial-affinity distillation loss (SPEC §4) as a fused, differentiable op.
+
+``spatial_affinity_loss`` equals ``spatial_affinity_loss_reference`` but never builds the
+(B, N, N) affinity matrices: memory O(B·C·N). For p = 1:
+
+1. normalise: x̂ = F / (‖F‖ + eps) per pixel (torch, O(B·C·N));
+2. one blockwise pass (C++ ``_affinity`` on the CPU, Triton on CUDA, chosen by
+   ``_dispatch.choose``) gives Σ|S − T| and, for each input that needs a gradient,
+   G = Σ_j sign(D_ij) x̂_j, so that ∂L/∂x̂_s = 2·scale·G_s and ∂L/∂x̂_t = −2·scale·G_t;
+3. the normalisation backward gives ∂L/∂F.
+The forward computes the gradients in the same pass (Liger-Kernel's fused cross-entropy pattern);
+the backward only scales them by grad_output. p = 2 reduces to C x C Gram matrices
+(``affinity_squared``).
+"""
+import torch
+
+from . import _dispatch, _extension
+from .affinity_reference import REDUCTIONS
+from .affinity_squared import squared_affinity_loss
+
+OP, EXTENSION = "spatial_affinity_loss", "affinity"
+PRECISIONS = ("ieee", "tf32x3", "tf32")  # tl.dot input precisions; the C++ kernel is always exact fp32
+
+
+def spatial_affinity_loss(
+    f_student: torch.Tensor,
+    f_teacher: torch.Tensor,
+    *,
+    reduction: str = "mean",
+    p: int = 1,
+    eps: float = 1e-8,
+    precision: str = "ieee",
+) -> torch.Tensor:
+    """mean (or sum) over b, i, j of |A_S − A_T|^p, A = F̂ᵀF̂ the (N x N) cosine affinity per image.
+
+    f_student (B, Cs, H, W) and f_teacher (B, Ct, H, W), any float dtype and strides; computed in
+    float32 (float64 if an input is float64). ``precision`` selects the Triton ``tl.dot`` mode
+    for p = 1 on CUDA (see affinity_triton). Differentiable w.r.t. both inputs (no double backward).
+    """
+    _check_arguments(f_student, f_teacher, reduction, p, precision)
+    if p == 2:
+        dtype = _compute_dtype(f_student, f_teacher)
+        loss = squared_affinity_loss(f_student, f_teacher, reduction=reduction, eps=eps, dtype=dtype)
+        return loss.to(torch.result_type(f_student, f_teacher))
+    grad = torch.is_grad_enabled()
+    loss, _, _ = spatial_affinity_l1(
+        f_student, f_teacher, reduction, eps, precision, grad and f_student.requires_grad, grad and f_teacher.requires_grad
+    )
+    return loss
+
+
+def _check_arguments(f_student, f_teacher, reduction, p, precision) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"spatial_affinity_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if p not in (1, 2):
+        raise ValueError(f"spatial_affinity_loss: p must be 1 or 2, got {p!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"spatial_affinity_loss: precision must be one of {PRECISIONS}, got {precision!r}")
+    for name, f in (("f_student", f_student), ("f_teacher", f_teacher)):
+        if not isinstance(f, torch.Tensor) or f.dim() != 4 or not f.is_floating_point() or 0 in f.shape:
+            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise ValueError(f"spatial_affinity_loss: {name} must be a non-empty float (B, C, H, W) tensor, got {shape}")
+    if f_student.shape[0] != f_teacher.shape[0] or f_student.shape[2:] != f_teacher.shape[2:]:
+        raise ValueError(
+            f"spatial_affinity_loss: student {tuple(f_student.shape)} and teacher {tuple(f_teacher.shape)} "
+            "must agree in batch and spatial size"
+        )
+    if f_student.device != f_teacher.device:
+        raise ValueError(f"spatial_affinity_loss: student on {f_student.device}, teacher on {f_teacher.device}")
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _normalise(f: torch.Tensor, eps: float, dtype: torch.dtype, pad_to: int):
+    """x̂ (B, C, ld) in ``dtype``, zero beyond the N pixels (ld = N rounded up to ``pad_to``),
+    and the pixel norms ‖F‖ (B, 1, N)."""
+    x = f.flatten(2).to(dtype)
+    n = x.shape[-1]
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    xhat = x.new_empty(x.shape[0], x.shape[1], -(-n // pad_to) * pad_to)
+    xhat[..., n:].zero_()
+    torch.div(x, norm + eps, out=xhat[..., :n])
+    return xhat, norm
+
+
+def _normalise_backward(g, xhat, norm, eps: float, factor: float) -> torch.Tensor:
+    """∂L/∂F (B, C, N) for x̂ = F / (‖F‖ + eps), given ∂L/∂x̂ = factor · g (B, C, N)."""
+    out = g * (factor / (norm + eps))
+    radial = torch.linalg.vecdot(xhat, g, dim=1).unsqueeze(1) * (factor / norm.clamp_min(torch.finfo(norm.dtype).tiny))
+    return out.addcmul_(xhat, radial, value=-1)
+
+
+def _pass_cpp(xs, xt, grad_s: bool, grad_t: bool, precision: str, isa: str = ""):
+    """Σ|S − T| and G_s, G_t (or None) with the C++ kernel; xs, xt padded to its ROW_BLOCK."""
+    gs = torch.zeros_like(xs) if grad_s else None
+    gt = torch.zeros_like(xt) if grad_t else None
+    total = _extension.load(EXTENSION).affinity_l1(
+        xs.data_ptr(), xt.data_ptr(), 0 if gs is None else gs.data_ptr(), 0 if gt is None else gt.data_ptr(),
+        batch=xs.shape[0], cs=xs.shape[1], ct=xt.shape[1], ld=xs.shape[2], is_double=xs.dtype == torch.float64,
+        threads=torch.get_num_threads(), isa=isa,
+    )
+    return torch.tensor(total, dtype=torch.float64), gs, gt
+
+
+def _pass_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str):
+    from .affinity_triton import affinity_l1_triton  # imports triton: only when it runs
+
+    return affinity_l1_triton(xs, xt, grad_s, grad_t, precision)
+
+
+def _pass_reference(xs, xt, grad_s: bool, grad_t: bool, precision: str):
+    """The same three results, materialising D (B, N, N): tiny inputs and unsupported devices."""
+    d = xs.transpose(1, 2) @ xs - xt.transpose(1, 2) @ xt
+    sign = d.sign()  # symmetric: G = x̂ sign(D)
+    return d.abs().sum(dtype=torch.float64), xs @ sign if grad_s else None, xt @ sign if grad_t else None
+
+
+_PASSES = {"cpp": _pass_cpp, "triton": _pass_triton, "reference": _pass_reference}
+
+
+def _gradient_or_empty(f: torch.Tensor, wanted: bool) -> torch.Tensor:
+    return f.new_empty(f.shape) if wanted else f.new_empty(0)
+
+
+@torch.library.custom_op("dsclora::spatial_affinity_l1", mutates_args=())
+def spatial_affinity_l1(
+    f_student: torch.Tensor,
+    f_teacher: torch.Tensor,
+    reduction: str,
+    eps: float,
+    precision: str,
+    grad_student: bool,
+    grad_teacher: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ∂loss/∂f_student, ∂loss/∂f_teacher) of the p = 1 affinity loss; a gradient that
+    was not asked for is an empty tensor. Use ``spatial_affinity_loss``, which sets the flags."""
+    backend = _dispatch.choose(OP, EXTENSION, f_student.device)
+    pad_to = _extension.load(EXTENSION).ROW_BLOCK if backend == "cpp" else 1
+    dtype = _compute_dtype(f_student, f_teacher)
+    xs, norm_s = _normalise(f_student, eps, dtype, pad_to)
+    xt, norm_t = _normalise(f_teacher, eps, dtype, pad_to)
+    total, gs, gt = _PASSES[backend](xs, xt, grad_student, grad_teacher, precision)
+    batch, n = norm_s.shape[0], norm_s.shape[-1]
+    scale = 1.0 / (batch * n * n) if reduction == "mean" else 1.0
+    loss = (total * scale).to(torch.result_type(f_student, f_teacher))
+
+    def input_gradient(f, g, xhat, norm, factor):
+        if g is None:
+            return _gradient_or_empty(f, False)
+        return _normalise_backward(g[..., :n], xhat[..., :n], norm, eps, factor).view(f.shape).to(f.dtype)
+
+    return loss, input_gradient(f_student, gs, xs, norm_s, 2 * scale), input_gradient(f_teacher, gt, xt, norm_t, -2 * scale)
+
+
+@spatial_affinity_l1.register_fake
+def _(f_student, f_teacher, reduction, eps, precision, grad_student, grad_teacher):
+    loss = f_student.new_empty((), dtype=torch.result_type(f_student, f_teacher))
+    return loss, _gradient_or_empty(f_student, grad_student), _gradient_or_empty(f_teacher, grad_teacher)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.grad_student, ctx.grad_teacher = inputs[5], inputs[6]
+    ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, _grad_s, _grad_t):
+    grad_s, grad_t = ctx.saved_tensors
+    for index, (needed, computed) in enumerate(((ctx.needs_input_grad[0], ctx.grad_student),
+                                                (ctx.needs_input_grad[1], ctx.grad_teacher))):
+        if needed and not computed:
+            raise RuntimeError(f"spatial_affinity_l1: input {index} needs a gradient the forward was told not to compute")
+    return (
+        grad_s * grad_loss.to(grad_s.dtype) if ctx.grad_student else None,
+        grad_t * grad_loss.to(grad_t.dtype) if ctx.grad_teacher else None,
+        None, None, None, None, None,
+    )
+
+
+spatial_affinity_l1.register_autograd(_backward, setup_context=_setup_context)
