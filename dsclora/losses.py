@@ -1,0 +1,84 @@
+"""DSCLoRA's training objective (SPEC §4, paper Eq. 6–9).
+
+``L = λ_rec·L_rec(SR_s, HR) + λ_ts·L1(SR_s, SR_t) + λ_ad·Σ_l affinity(F_s^l, F_t^l)``
+over the block outputs F1..F6, defaults (1, 0.1, 0.01); L_rec is L1 (or L2, the paper's ablation).
+The affinity term uses the fused op ``dsclora_kernels.spatial_affinity_loss`` (memory O(B·C·N)
+instead of the naive O(B·N²)), so large stage-two patches fit in memory.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsclora_kernels._log import fallback
+
+RECONSTRUCTIONS = ("l1", "l2")
+
+
+def _affinity_op():
+    """The fused spatial-affinity loss, or the plain-PyTorch reference (logged) if it is missing."""
+    try:
+        from dsclora_kernels import spatial_affinity_loss
+        return spatial_affinity_loss
+    except ImportError as exc:
+        from dsclora_kernels import spatial_affinity_loss_reference
+
+        fallback("affinity:losses", f"fused spatial_affinity_loss is not importable ({exc}); "
+                 "using the O(N^2)-memory reference")
+        return spatial_affinity_loss_reference
+
+
+def affinity_distillation(features_s: list[torch.Tensor], features_t: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_l mean|A_S^l − A_T^l| over paired feature maps (B, C_s, H, W) / (B, C_t, H, W)."""
+    if len(features_s) != len(features_t):
+        raise ValueError(f"{len(features_s)} student vs {len(features_t)} teacher feature maps")
+    op = _affinity_op()
+    terms = []
+    for layer, (f_s, f_t) in enumerate(zip(features_s, features_t), start=1):
+        if f_s.shape[0] != f_t.shape[0] or f_s.shape[2:] != f_t.shape[2:]:
+            raise ValueError(f"feature map F{layer}: student {tuple(f_s.shape)} and teacher "
+                             f"{tuple(f_t.shape)} differ in batch or spatial size")
+        # The loss is computed in float32 even under bf16 autocast (sign flips otherwise).
+        terms.append(op(f_s.float(), f_t.detach().float()))
+    return torch.stack(terms).sum()
+
+
+class DSCLoRALoss(nn.Module):
+    """The weighted sum of the three DSCLoRA terms; a term with weight 0 is not computed.
+
+    ``forward(sr_s, hr, sr_t=None, features_s=None, features_t=None)`` with images (B, 3, sH, sW)
+    and lists of block outputs returns ``(total, terms)``; ``terms`` maps "rec", "ts", "ad" to
+    the detached unweighted values of the computed terms (for logging).
+    """
+
+    def __init__(self, rec: float = 1.0, ts: float = 0.1, ad: float = 0.01, reconstruction: str = "l1"):
+        super().__init__()
+        if reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {reconstruction!r}")
+        for name, value in (("rec", rec), ("ts", ts), ("ad", ad)):
+            if value < 0:
+                raise ValueError(f"loss weight {name} must be >= 0, got {value}")
+        self.weights = {"rec": rec, "ts": ts, "ad": ad}
+        self.reconstruction = reconstruction
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.weights["ts"] > 0 or self.weights["ad"] > 0
+
+    def forward(self, sr_s, hr, sr_t=None, features_s=None, features_t=None):
+        sr_s = sr_s.float()
+        pixel = F.l1_loss if self.reconstruction == "l1" else F.mse_loss
+        terms = {}
+        if self.weights["rec"] > 0:
+            terms["rec"] = pixel(sr_s, hr.float())
+        if self.weights["ts"] > 0:
+            if sr_t is None:
+                raise ValueError("the teacher-student term (ts > 0) needs the teacher's output sr_t")
+            terms["ts"] = F.l1_loss(sr_s, sr_t.detach().float())
+        if self.weights["ad"] > 0:
+            if features_s is None or features_t is None:
+                raise ValueError("the affinity term (ad > 0) needs student and teacher features")
+            terms["ad"] = affinity_distillation(features_s, features_t)
+        if not terms:
+            raise ValueError("all loss weights are 0: nothing to optimise")
+        total = sum(self.weights[name] * value for name, value in terms.items())
+        return total, {name: value.detach() for name, value in terms.items()}
