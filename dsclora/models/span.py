@@ -12,7 +12,9 @@ class SPAB(nn.Module):
     """Swift parameter-free attention block: (B, C, H, W) -> (out, h1), both (B, C, H, W).
 
     ``h1 = silu(c1_r(x))`` is returned post-activation, as the official code's in-place
-    SiLU does (SPEC §2 quirk); SPAN concatenates block_6's ``h1``.
+    SiLU does (SPEC §2 quirk); SPAN concatenates block_6's ``h1``. With ``fused`` set
+    (``SPAN.use_fused_blocks``) the block runs as the one op ``dsclora_kernels.spab`` on the
+    convolutions' eval-form weights, differentiable w.r.t. them; the plain path is the spec.
     """
 
     def __init__(self, channels: int, form: str = "train"):
@@ -20,8 +22,15 @@ class SPAB(nn.Module):
         self.c1_r = Conv3XC(channels, channels, form=form)
         self.c2_r = Conv3XC(channels, channels, form=form)
         self.c3_r = Conv3XC(channels, channels, form=form)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused:
+            import dsclora_kernels  # lazily: the kernels package is only needed here
+
+            return dsclora_kernels.spab(
+                x, *self.c1_r.weight_and_bias(), *self.c2_r.weight_and_bias(), *self.c3_r.weight_and_bias()
+            )
         h1 = F.silu(self.c1_r(x))
         h2 = F.silu(self.c2_r(h1))
         o3 = self.c3_r(h2)
@@ -79,6 +88,12 @@ class SPAN(nn.Module):
         cat = torch.cat([f0, self.conv_2(f6), f1, h1], dim=1)
         out = self.upsampler(self.conv_cat(cat))
         return (out, features) if return_features else out
+
+    def use_fused_blocks(self, enabled: bool = True) -> "SPAN":
+        """Run every SPAB as the fused op ``dsclora_kernels.spab`` (or not); returns self."""
+        for block in self.blocks:
+            block.fused = enabled
+        return self
 
     def reparameterize(self) -> "SPAN":
         """Collapse every Conv3XC into its 3x3 ``eval_conv`` for good; returns self."""

@@ -1,0 +1,285 @@
+// The fused SPAB block on one SIMD instruction set (SPEC §2):
+//   h1 = silu(conv(x, w1)); h2 = silu(conv(h1, w2)); o3 = conv(h2, w3);
+//   out = (o3 + x) * (sigmoid(o3) - 0.5)
+//
+// spab.cpp includes this file once per ISA, inside a namespace that defines `V` (a vector
+// traits struct of spab_simd.h) and the function attribute SPAB_TARGET; the shared types
+// (View, Problem, Tiling, block_size) come from spab.cpp.
+//
+// Layout and schedule. A work item is one image n, a band of output rows [r0, r1) and a strip
+// of output columns [c0, c1). Inside an item every tensor row lives in a planar scratch row
+// [C][L] (channel-major, columns contiguous, vectors run along the width, so no channel
+// padding is needed for any C). Buffer column OFF holds image column c0. Rows stream through
+// ring buffers: x (4 rows), h1 (3), h2 (3); at step t the item computes h1 row t, h2 row t-1
+// and o3 row t-2, so the three convolutions chain in cache and only the 3-pixel halo of each
+// band and strip is computed twice. Rows and columns outside the image are zero in every
+// ring (the zero padding of each convolution).
+
+using reg = typename V::reg;
+constexpr int VW = V::width;
+
+#define SPAB_UNROLL _Pragma("GCC unroll 32")
+
+// ---- the convolution: CB output channels x NW pixel vectors in registers ----
+// A register tile holds CB x NW accumulators, CB broadcast weights and one input vector.
+
+// out[co0+k][x0 + j*VW ...] = bias + sum_{ci, dy, dx} w[ci][dy][dx][co] * in[dy][ci][x + dx - 1]
+template <int CB, int NW>
+SPAB_TARGET void conv_tile(const float* const* in, int64_t L, int C, const float* wp,
+                           const float* bias, int co0, int x0, float* out) {
+  reg acc[CB][NW];
+  SPAB_UNROLL for (int k = 0; k < CB; ++k) {
+    const reg b = V::set1(bias[co0 + k]);
+    SPAB_UNROLL for (int j = 0; j < NW; ++j) acc[k][j] = b;
+  }
+  for (int ci = 0; ci < C; ++ci) {
+    const float* w_ci = wp + int64_t(ci) * 9 * C + co0;
+    SPAB_UNROLL for (int dy = 0; dy < 3; ++dy) {
+      const float* row = in[dy] + ci * L + x0 - 1;
+      SPAB_UNROLL for (int dx = 0; dx < 3; ++dx) {
+        // CB broadcast weights stay in registers, each input vector is loaded once.
+        const float* w = w_ci + (dy * 3 + dx) * C;
+        reg wk[CB];
+        SPAB_UNROLL for (int k = 0; k < CB; ++k) wk[k] = V::set1(w[k]);
+        SPAB_UNROLL for (int j = 0; j < NW; ++j) {
+          const reg v = V::load(row + dx + j * VW);
+          SPAB_UNROLL for (int k = 0; k < CB; ++k) acc[k][j] = V::fmadd(wk[k], v, acc[k][j]);
+        }
+      }
+    }
+  }
+  SPAB_UNROLL for (int k = 0; k < CB; ++k) {
+    SPAB_UNROLL for (int j = 0; j < NW; ++j) V::store(out + (co0 + k) * L + x0 + j * VW, acc[k][j]);
+  }
+}
+
+// The last nw < NW pixel vectors of a row.
+template <int CB, int NW>
+SPAB_TARGET void conv_tile_tail(int nw, const float* const* in, int64_t L, int C, const float* wp,
+                                const float* bias, int co0, int x0, float* out) {
+  if constexpr (NW > 1) {
+    if (nw < NW) return conv_tile_tail<CB, NW - 1>(nw, in, L, C, wp, bias, co0, x0, out);
+  }
+  conv_tile<CB, NW>(in, L, C, wp, bias, co0, x0, out);
+}
+
+template <int CB>
+SPAB_TARGET void conv_block_row(const float* const* in, int64_t L, int C, const float* wp,
+                                const float* bias, int co0, int x0, int nvec, float* out) {
+  constexpr int NW = V::acc_regs / CB;
+  int j = 0;
+  for (; j + NW <= nvec; j += NW) conv_tile<CB, NW>(in, L, C, wp, bias, co0, x0 + j * VW, out);
+  if constexpr (NW > 1) {
+    if (j < nvec) conv_tile_tail<CB, NW - 1>(nvec - j, in, L, C, wp, bias, co0, x0 + j * VW, out);
+  }
+}
+
+// One output row: nvec pixel vectors from buffer column x0, all C output channels.
+SPAB_TARGET void conv_row(const float* const* in, int64_t L, int C, const ConvWeights& w, int x0,
+                          int nvec, float* out) {
+  for (int co0 = 0; co0 < C;) {
+    const int cb = block_size(C - co0, V::max_block);
+    if (cb == 4) {
+      if constexpr (V::max_block >= 4) conv_block_row<4>(in, L, C, w.packed, w.bias, co0, x0, nvec, out);
+    } else if (cb == 3) {
+      conv_block_row<3>(in, L, C, w.packed, w.bias, co0, x0, nvec, out);
+    } else if (cb == 2) {
+      conv_block_row<2>(in, L, C, w.packed, w.bias, co0, x0, nvec, out);
+    } else {
+      conv_block_row<1>(in, L, C, w.packed, w.bias, co0, x0, nvec, out);
+    }
+    co0 += cb;
+  }
+}
+
+// ---- pointwise math ----
+
+// exp(x), relative error ~1e-7: x = n ln2 + r, |r| <= ln2/2, exp(r) by the Cephes expf
+// polynomial (S. Moshier, Cephes Math Library), 2^n through the exponent bits.
+SPAB_TARGET inline reg vexp(reg x) {
+  x = V::min(V::max(x, V::set1(-87.3f)), V::set1(88.3f));
+  const reg n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
+  reg r = V::fmadd(n, V::set1(-0.693359375f), x);
+  r = V::fmadd(n, V::set1(2.12194440e-4f), r);
+  reg p = V::set1(1.9875691500e-4f);
+  p = V::fmadd(p, r, V::set1(1.3981999507e-3f));
+  p = V::fmadd(p, r, V::set1(8.3334519073e-3f));
+  p = V::fmadd(p, r, V::set1(4.1665795894e-2f));
+  p = V::fmadd(p, r, V::set1(1.6666665459e-1f));
+  p = V::fmadd(p, r, V::set1(5.0000001201e-1f));
+  p = V::fmadd(V::mul(p, r), r, V::add(r, V::set1(1.0f)));
+  return V::mul(p, V::pow2i(n));
+}
+
+SPAB_TARGET inline reg vsigmoid(reg x) {
+  const reg one = V::set1(1.0f);
+  return V::div(one, V::add(one, vexp(V::sub(V::set1(0.0f), x))));
+}
+
+// Each op maps one vector position i of its planar rows (i = c * L + column).
+struct SiluOp {  // h = silu(a); with d: d = silu'(a) = s (1 + a (1 - s)), written over a
+  float* a;
+  float* h;
+  bool grad;
+  SPAB_TARGET void operator()(int64_t i) const {
+    const reg av = V::load(a + i), s = vsigmoid(av);
+    V::store(h + i, V::mul(av, s));
+    if (grad) {
+      const reg one = V::set1(1.0f);
+      V::store(a + i, V::mul(s, V::fmadd(av, V::sub(one, s), one)));
+    }
+  }
+};
+
+struct AttentionOp {  // out = (o3 + x) * (sigmoid(o3) - 0.5), written over o3
+  float* o3;
+  const float* x;
+  SPAB_TARGET void operator()(int64_t i) const {
+    const reg o = V::load(o3 + i), s = vsigmoid(o);
+    V::store(o3 + i, V::mul(V::add(o, V::load(x + i)), V::sub(s, V::set1(0.5f))));
+  }
+};
+
+// With g = dL/dout: dL/do3 = g ((s - 0.5) + (o3 + x) s (1 - s)) written over o3,
+// the residual's share dL/dx = g (s - 0.5) written over g.
+struct AttentionGradOp {
+  float* o3;
+  const float* x;
+  float* g;
+  SPAB_TARGET void operator()(int64_t i) const {
+    const reg o = V::load(o3 + i), s = vsigmoid(o), gv = V::load(g + i);
+    const reg e = V::sub(s, V::set1(0.5f));
+    const reg ds = V::mul(s, V::sub(V::set1(1.0f), s));
+    V::store(o3 + i, V::mul(gv, V::fmadd(V::add(o, V::load(x + i)), ds, e)));
+    V::store(g + i, V::mul(gv, e));
+  }
+};
+
+template <class Op>
+SPAB_TARGET void rowwise(int C, int64_t L, int x0, int nvec, const Op& op) {
+  for (int c = 0; c < C; ++c)
+    for (int j = 0; j < nvec; ++j) op(c * L + x0 + j * VW);
+}
+
+// ---- one work item ----
+
+struct Scratch {
+  std::vector<float> mem;
+  float* x[4];
+  float* h1[3];
+  float* h2[3];
+  float* acc;  // conv output row
+  float* g;    // dL/dout row (recompute only)
+  Scratch(int C, int64_t L) : mem(size_t(14) * C * L) {
+    float* p = mem.data();
+    for (auto& r : x) r = p, p += C * L;
+    for (auto& r : h1) r = p, p += C * L;
+    for (auto& r : h2) r = p, p += C * L;
+    acc = p, p += C * L;
+    g = p;
+  }
+};
+
+inline int ring(int y, int n) { return ((y % n) + n) % n; }
+
+void run_item(const Problem& pb, const Tiling& tl, Scratch& s, int n, int r0, int r1, int c0, int c1) {
+  const int C = pb.C, H = pb.H, W = pb.W, tw = c1 - c0;
+  const int64_t L = tl.row_length;
+  // Buffer column b holds image column c0 - OFF + b.
+  const auto col = [&](int image_col) { return image_col - c0 + OFF; };
+  // Vector counts of the three stages: h1 on [c0-2, c1+2), h2 on [c0-1, c1+1), o3 on [c0, c1).
+  const int n1 = (tw + 4 + VW - 1) / VW, n2 = (tw + 2 + VW - 1) / VW, n3 = (tw + VW - 1) / VW;
+  const int x1 = OFF - 2, x2 = OFF - 1, x3 = OFF;
+  std::fill(s.mem.begin(), s.mem.end(), 0.0f);
+  const int xa = std::max(0, c0 - 3), xb = std::min(W, c1 + 3);
+
+  const auto load_x = [&](int y) {
+    float* row = s.x[ring(y, 4)];
+    if (y < 0 || y >= H) std::fill(row, row + C * L, 0.0f);
+    else load_row(pb.x, n, y, xa, xb, row + col(xa), L, C);
+  };
+  // Zero the columns of a freshly computed row [x0, x0 + nvec*VW) that lie outside the image.
+  const auto clear_outside = [&](float* row, int x0, int nvec) {
+    const int b_lo = col(0), b_hi = col(W), end = x0 + nvec * VW;
+    for (int c = 0; c < C; ++c) {
+      float* r = row + c * L;
+      for (int b = x0; b < std::min(b_lo, end); ++b) r[b] = 0.0f;
+      for (int b = std::max(b_hi, x0); b < end; ++b) r[b] = 0.0f;
+    }
+  };
+  const auto store_core = [&](const View& v, const float* row, int y) {
+    store_row(row + OFF, L, C, v, n, y, c0, tw);
+  };
+
+  load_x(r0 - 3);
+  load_x(r0 - 2);
+  for (int t = r0 - 2; t <= r1 + 1; ++t) {
+    load_x(t + 1);
+    {  // h1 row t
+      float* h1 = s.h1[ring(t, 3)];
+      if (t < 0 || t >= H) {
+        std::fill(h1, h1 + C * L, 0.0f);
+      } else {
+        const float* in[3] = {s.x[ring(t - 1, 4)], s.x[ring(t, 4)], s.x[ring(t + 1, 4)]};
+        conv_row(in, L, C, pb.conv[0], x1, n1, s.acc);
+        const bool core = t >= r0 && t < r1;
+        rowwise(C, L, x1, n1, SiluOp{s.acc, h1, pb.recompute && core});
+        clear_outside(h1, x1, n1);
+        if (core) {
+          store_core(pb.h1, h1, t);
+          if (pb.recompute) store_core(pb.d1, s.acc, t);
+        }
+      }
+    }
+    const int u = t - 1;  // h2 row u
+    if (u >= r0 - 1 && u <= r1) {
+      float* h2 = s.h2[ring(u, 3)];
+      if (u < 0 || u >= H) {
+        std::fill(h2, h2 + C * L, 0.0f);
+      } else {
+        const float* in[3] = {s.h1[ring(u - 1, 3)], s.h1[ring(u, 3)], s.h1[ring(u + 1, 3)]};
+        conv_row(in, L, C, pb.conv[1], x2, n2, s.acc);
+        const bool core = u >= r0 && u < r1;
+        rowwise(C, L, x2, n2, SiluOp{s.acc, h2, pb.recompute && core});
+        clear_outside(h2, x2, n2);
+        if (core && pb.recompute) {
+          store_core(pb.h2, h2, u);
+          store_core(pb.d2, s.acc, u);
+        }
+      }
+    }
+    const int v = t - 2;  // o3 row v, always inside the image
+    if (v >= r0 && v < r1) {
+      const float* in[3] = {s.h2[ring(v - 1, 3)], s.h2[ring(v, 3)], s.h2[ring(v + 1, 3)]};
+      conv_row(in, L, C, pb.conv[2], x3, n3, s.acc);
+      const float* x = s.x[ring(v, 4)];
+      if (pb.recompute) {
+        load_row(pb.g_out, n, v, c0, c1, s.g + OFF, L, C);
+        rowwise(C, L, x3, n3, AttentionGradOp{s.acc, x, s.g});
+        store_core(pb.g_o3, s.acc, v);
+        store_core(pb.g_xres, s.g, v);
+      } else {
+        rowwise(C, L, x3, n3, AttentionOp{s.acc, x});
+        store_core(pb.out, s.acc, v);
+      }
+    }
+  }
+}
+
+// All items of the problem on up to `threads` threads, each pulling the next item.
+void run(const Problem& pb, const Tiling& tl, int threads) {
+  const int64_t items = int64_t(pb.B) * tl.bands * tl.strips;
+  std::atomic<int64_t> next{0};
+  parallel_for(threads, threads, [&](int64_t, int64_t) {
+    Scratch s(pb.C, tl.row_length);
+    for (int64_t i; (i = next.fetch_add(1)) < items;) {
+      const int strip = int(i % tl.strips), band = int(i / tl.strips % tl.bands);
+      const int n = int(i / (int64_t(tl.strips) * tl.bands));
+      const int r0 = band * tl.band_height, r1 = std::min(pb.H, r0 + tl.band_height);
+      const int c0 = strip * tl.strip_width, c1 = std::min(pb.W, c0 + tl.strip_width);
+      run_item(pb, tl, s, n, r0, r1, c0, c1);
+    }
+  });
+}
+
+#undef SPAB_UNROLL

@@ -1,0 +1,188 @@
+"""The fused SPAB block as the custom op ``dsclora::spab`` (SPEC §2), forward and backward.
+
+``spab(x, w1, b1, w2, b2, w3, b3) -> (out, h1)`` computes ``spab_reference`` in one pass:
+C++ (``dsclora_kernels._spab``, float32) on the CPU, Triton (fp16/bf16/fp32) on the GPU,
+the PyTorch reference otherwise (logged once). The autograd formula saves only the block
+input: the backward op ``dsclora::spab_backward`` recomputes h1, h2, silu'(a1), silu'(a2),
+dL/do3 with the same fused kernels, then runs PyTorch's convolution backward (oneDNN/cuDNN)
+for the three convolutions. Weights are packed per kernel and cached per weight version.
+"""
+import weakref
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import _dispatch, _extension, spab_triton
+from ._log import fallback
+from .spab_reference import spab_recompute_reference, spab_reference
+
+#: Instruction set of the C++ kernel: "auto" (the best this CPU runs), "avx512", "avx2", "scalar".
+CPU_ISA = "auto"
+_WEIGHT_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
+
+
+def _check(x: Tensor, weights: tuple[Tensor, ...]) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"spab: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    for name, t in zip(_WEIGHT_NAMES, weights):
+        expected = (c, c, 3, 3) if name[0] == "w" else (c,)
+        if tuple(t.shape) != expected:
+            raise ValueError(f"spab: {name} must have shape {expected} for C={c}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(
+                f"spab: {name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}"
+            )
+
+
+def _backend(x: Tensor) -> str:
+    backend = _dispatch.choose("spab", "spab", x.device)
+    if backend == "cpp" and x.dtype != torch.float32:
+        fallback(f"spab:cpp:{x.dtype}", "the C++ kernel computes in float32 only; using the PyTorch reference")
+        return "reference"
+    if backend == "triton" and x.dtype not in spab_triton.DTYPES:
+        fallback(f"spab:triton:{x.dtype}", f"the Triton kernel supports {spab_triton.DTYPES}; using the PyTorch reference")
+        return "reference"
+    return backend
+
+
+# ---- packed weights, cached per (tensor, version) ----
+
+_PACKED: dict = {}
+
+
+def _cached(tensors: tuple[Tensor, ...], kind: str, pack: Callable):
+    """pack(*tensors), reused while every tensor is alive and unmodified (same ``_version``).
+    Inference tensors have no version counter: they are packed on every call."""
+    if any(t.is_inference() for t in tensors):
+        return pack(*tensors)
+    key = (kind, *(id(t) for t in tensors))
+    versions = tuple(t._version for t in tensors)
+    entry = _PACKED.get(key)
+    if entry is not None and entry[1] == versions and all(r() is t for r, t in zip(entry[0], tensors)):
+        return entry[2]
+    with torch.no_grad():
+        packed = pack(*tensors)
+    drop = lambda _ref, key=key: _PACKED.pop(key, None)  # noqa: E731 -- forget dead weights
+    _PACKED[key] = (tuple(weakref.ref(t, drop) for t in tensors), versions, packed)
+    return packed
+
+
+def _pack_cpu(*weights: Tensor) -> tuple[Tensor, ...]:
+    """(w1, b1, ...) -> (w1 as [ci][3][3][co], b1, ...), contiguous float32."""
+    return tuple(t.detach().permute(1, 2, 3, 0).contiguous() if t.dim() == 4 else t.detach().contiguous()
+                 for t in weights)
+
+
+def _desc(t: Tensor) -> tuple[int, ...]:
+    return (t.data_ptr(), *t.stride())
+
+
+def _cpp(x: Tensor, weights: tuple[Tensor, ...]) -> tuple:
+    packed = _cached(weights, "cpu", _pack_cpu)
+    return _extension.load("spab"), [p.data_ptr() for p in packed], packed
+
+
+# ---- forward ----
+
+@torch.library.custom_op("dsclora::spab", mutates_args=())
+def spab(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor) -> tuple[Tensor, Tensor]:
+    """SPAB block, x (B, C, H, W) -> (out, h1), both (B, C, H, W) in x's memory layout.
+
+    Weights in eval form: w_i (C, C, 3, 3), b_i (C,), padding 1; exactly ``spab_reference``.
+    """
+    weights = (w1, b1, w2, b2, w3, b3)
+    _check(x, weights)
+    out, h1 = torch.empty_like(x), torch.empty_like(x)
+    if x.numel() == 0:
+        return out, h1
+    backend = _backend(x)
+    if backend == "cpp":
+        ext, ptrs, _keep = _cpp(x, weights)
+        ext.forward(tuple(x.shape), _desc(x), _desc(out), _desc(h1), ptrs, torch.get_num_threads(), CPU_ISA)
+    elif backend == "triton":
+        spab_triton.forward(x, _cached(weights, "triton", spab_triton.pack_weights), out, h1)
+    else:
+        ref_out, ref_h1 = spab_reference(x, *weights)
+        out.copy_(ref_out)
+        h1.copy_(ref_h1)
+    return out, h1
+
+
+@spab.register_fake
+def _(x, w1, b1, w2, b2, w3, b3):
+    _check(x, (w1, b1, w2, b2, w3, b3))
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+# ---- backward ----
+
+def _recompute(x: Tensor, g_out: Tensor, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """(h1, h2, d1, d2, g_o3, g_xres) of ``spab_recompute_reference`` with x's backend."""
+    backend = _backend(x)
+    if backend == "reference":
+        return spab_recompute_reference(x, g_out, *weights)
+    outputs = tuple(torch.empty_like(x) for _ in range(6))
+    if backend == "cpp":
+        ext, ptrs, _keep = _cpp(x, weights)
+        ext.recompute(tuple(x.shape), _desc(x), _desc(g_out), [_desc(t) for t in outputs], ptrs,
+                      torch.get_num_threads(), CPU_ISA)
+    else:
+        spab_triton.recompute(x, g_out, _cached(weights, "triton", spab_triton.pack_weights), *outputs)
+    return outputs
+
+
+def _conv_backward(grad: Tensor, inp: Tensor, w: Tensor, mask: tuple[bool, bool, bool]):
+    """(dL/dinp, dL/dw, dL/db) of conv2d(inp, w, b, padding=1) given dL/doutput (None where not in mask)."""
+    return torch.ops.aten.convolution_backward(
+        grad, inp, w, [w.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, list(mask)
+    )
+
+
+def _like(t: Tensor, ref: Tensor) -> Tensor:
+    """t with the strides of ``torch.empty_like(ref)`` (what the fake kernel promises)."""
+    target = torch.empty_like(ref)
+    return t if t.stride() == target.stride() else target.copy_(t)
+
+
+@torch.library.custom_op("dsclora::spab_backward", mutates_args=())
+def spab_backward(
+    x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+    g_out: Tensor, g_h1: Optional[Tensor], needs: list[bool],
+) -> list[Tensor]:
+    """Gradients of ``spab`` w.r.t. (x, w1, b1, w2, b2, w3, b3) given dL/dout and dL/dh1
+    (None: h1 unused); only those flagged in ``needs`` (7 bools) are computed and returned."""
+    weights = (w1, b1, w2, b2, w3, b3)
+    h1, h2, d1, d2, g_o3, g_xres = _recompute(x, g_out, weights)
+    g_h2, g_w3, g_b3 = _conv_backward(g_o3, h2, w3, (True, needs[5], needs[6]))
+    g_h1_total, g_w2, g_b2 = _conv_backward(g_h2.mul_(d2), h1, w2, (True, needs[3], needs[4]))
+    if g_h1 is not None:
+        g_h1_total.add_(g_h1)
+    g_x, g_w1, g_b1 = _conv_backward(g_h1_total.mul_(d1), x, w1, (needs[0], needs[1], needs[2]))
+    if g_x is not None:
+        g_x.add_(g_xres)
+    grads = (g_x, g_w1, g_b1, g_w2, g_b2, g_w3, g_b3)
+    return [_like(g, ref) for g, ref, need in zip(grads, (x, *weights), needs) if need]
+
+
+@spab_backward.register_fake
+def _(x, w1, b1, w2, b2, w3, b3, g_out, g_h1, needs):
+    return [torch.empty_like(t) for t, need in zip((x, w1, b1, w2, b2, w3, b3), needs) if need]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # only the block input and the weights
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g_out, g_h1):
+    x = ctx.saved_tensors[0]
+    needs = list(ctx.needs_input_grad)
+    if g_out is None:
+        g_out = torch.zeros_like(x)
+    grads = iter(spab_backward(*ctx.saved_tensors, g_out, g_h1, needs))
+    return tuple(next(grads) if need else None for need in needs)
+
+
+spab.register_autograd(_backward, setup_context=_setup_context)
