@@ -96,8 +96,9 @@ def benchmark(model, inputs: list[torch.Tensor], configs: list[tuple[str, str]] 
     for device, dtype_name in configs or default_configs():
         dtype = DTYPES[dtype_name]
         eager = _eager(model, device, dtype)
-        reference = eager(inputs[0].to(device, dtype))
+        reference = eager(inputs[0].to(device, dtype)).float().cpu()  # kept off the GPU
         results.append(_measure("eager", eager, inputs, device, dtype_name, warmup, repeats))
+        del eager  # each row's peak memory holds only its own model
         try:
             from dsclora.infer import load
 
@@ -105,9 +106,10 @@ def benchmark(model, inputs: list[torch.Tensor], configs: list[tuple[str, str]] 
         except (ImportError, RuntimeError) as exc:  # reported in the table, not hidden
             results.append(BenchResult("fused", device, dtype_name, None, note=f"unavailable: {exc}"))
             continue
-        diff = (fused(inputs[0].to(device, dtype)).float() - reference.float()).abs().max().item()
         row = _measure("fused", fused, inputs, device, dtype_name, warmup, repeats)
+        diff = (fused(inputs[0].to(device, dtype)).float().cpu() - reference).abs().max().item()
         results.append(dataclasses.replace(row, max_abs_diff=diff))
+        del fused
     return results
 
 
