@@ -76,7 +76,7 @@ def checkpoint_metadata(config: SpanConfig, lora: dict | None = None, merged: bo
 
 
 def official_state_dict(model: SPAN) -> dict[str, torch.Tensor]:
-    """The eval-form float32 state dict of ``model`` in the released files' layout.
+    """The eval-form float32 CPU state dict of ``model`` in the released files' layout.
 
     Conv3XC branches are collapsed and unmerged ConvLoRA updates folded in (the weight a
     conv applies: its ``effective_weight()`` when it has one). ``model`` is not modified.
@@ -93,8 +93,8 @@ def official_state_dict(model: SPAN) -> dict[str, torch.Tensor]:
                 weight, bias = _applied_weight(module), module.bias
             else:
                 continue
-            state[f"{name}.weight"] = weight.detach().float().contiguous()
-            state[f"{name}.bias"] = bias.detach().float().contiguous()
+            state[f"{name}.weight"] = weight.detach().float().cpu().contiguous()
+            state[f"{name}.bias"] = bias.detach().float().cpu().contiguous()
     return state
 
 
