@@ -38,8 +38,12 @@ class MergedSpan:
     upsampler: tuple[Tensor, Tensor]
 
     def to(self, device=None, dtype=None) -> "MergedSpan":
-        """A copy with every tensor moved/cast."""
-        move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        """A copy with every tensor moved/cast (normal tensors even under inference_mode,
+        so that the fused ops can cache their packed weights)."""
+        with torch.inference_mode(False):
+            return self._map(lambda t: t.to(device=device, dtype=dtype, copy=True))
+
+    def _map(self, move) -> "MergedSpan":
         return MergedSpan(
             self.scale,
             tuple(map(move, self.conv_1)),

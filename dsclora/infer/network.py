@@ -28,7 +28,7 @@ class FusedSpan:
         self.memory_format = memory_format
         self.spab = spab or _fused_spab()
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers get ordinary tensors they may modify
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.merged
         x = x.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)

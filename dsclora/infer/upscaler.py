@@ -123,7 +123,7 @@ class Upscaler:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """One tile through the network, recomputed in float32 if the output is not finite."""
         y = self.network(x)
-        if not torch.isfinite(y).all() and self.network.dtype != torch.float32:
+        if self.network.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(y).all():
             warnings.warn(f"dsclora infer: non-finite output in {self.network.dtype}, "
                           "recomputing in float32", RuntimeWarning, stacklevel=2)
             if self._fp32 is None:
