@@ -115,6 +115,27 @@ def test_dscf_set5_psnr(shared, dscf_upscaler):
     assert abs(result["ssim"] - 0.889165) <= 2e-5
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_fp32_equals_reference_and_fp16_keeps_the_psnr(shared, dscf, monkeypatch):
+    from dsclora.evaluation import evaluate_folder
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    up32 = load(dscf, device="cuda", dtype=torch.float32)
+    x = lr_image(shared, "bird")
+    with torch.no_grad():
+        expected = dscf(x)
+    assert (up32(x) - expected).abs().max() <= 1e-4
+    up32.tile = 24
+    assert (up32(x) - expected).abs().max() <= 1e-4
+    up16 = load(dscf, device="cuda")
+    assert up16.network.dtype == torch.float16
+    result = evaluate_folder(up16, shared / "data" / "Set5", scale=4, device="cuda")
+    assert abs(result["psnr"] - 31.7452) <= 0.01
+
+
 # --- tiling ------------------------------------------------------------------------------------
 
 def test_tiles_padded_by_the_receptive_radius_are_exact(shared, dscf):
