@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dsclora.infer import FusedSpan, merge_span
-from dsclora.infer.network import eager_spab
+from dsclora_kernels import spab_reference
 from dsclora.models import SPAN, load_model
 
 SHARED = Path(os.environ.get("DSCLORA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -65,7 +65,7 @@ def candidates(model: SPAN, device: str, args) -> dict[str, tuple[str, callable]
             found[f"dsclora.infer {label}, NCHW tail"] = (
                 label, lambda d=dtype: FusedSpan(merged, device, d, memory_format=torch.contiguous_format))
             found[f"dsclora.infer {label}, eager SPAB"] = (
-                label, lambda d=dtype: FusedSpan(merged, device, d, spab=eager_spab))
+                label, lambda d=dtype: FusedSpan(merged, device, d, spab=spab_reference))
         if args.compile and (device == "cpu" or label == "fp16"):
             mode = "max-autotune" if device == "cuda" else None
             found[f"torch.compile{'(max-autotune)' if mode else ''} {label}"] = (

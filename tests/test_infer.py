@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from dsclora.cli import main as cli_main
+from dsclora_kernels import spab_reference, use_backend
 from dsclora.data.io import load_image, save_image
 from dsclora.infer import (
     RECEPTIVE_RADIUS, DownloadError, FusedSpan, RemoteWeights, Upscaler, fetch, load, merge_span,
@@ -26,6 +27,11 @@ def random_span(c=8, cc=None, scale=2, form="train", std=0.1, dtype=torch.float6
     for p in model.parameters():
         torch.nn.init.normal_(p, std=std)
     return model.eval()
+
+
+def exact_network(merged, memory_format=torch.channels_last) -> FusedSpan:
+    """The merged network in float64 with the reference SPAB (the fused op is float32)."""
+    return FusedSpan(merged, dtype=torch.float64, memory_format=memory_format, spab=spab_reference)
 
 
 def lr_image(shared, name="baby", crop=None) -> torch.Tensor:
@@ -57,7 +63,7 @@ def test_fused_network_equals_reference_float64(cc, scale, form):
         with torch.no_grad():
             expected = model(x)
         for memory_format in (torch.channels_last, torch.contiguous_format):
-            got = FusedSpan(merged, dtype=torch.float64, memory_format=memory_format)(x)
+            got = exact_network(merged, memory_format)(x)
             assert got.shape == expected.shape
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-12, msg=f"{shape} {memory_format}")
 
@@ -66,7 +72,7 @@ def test_merge_uses_the_training_branches_and_does_not_modify_the_model():
     model = random_span(8, form="train").train()  # training mode: branches, not eval_conv
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.rand(1, 3, 7, 6, dtype=torch.float64)
-    got = FusedSpan(merge_span(model), dtype=torch.float64)(x)
+    got = exact_network(merge_span(model))(x)
     with torch.no_grad():
         expected = model(x)  # training-form forward through the branches
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
@@ -86,7 +92,7 @@ def test_conv_lora_adapters_are_merged():
         plain = SPAN(8, upscale=2, form="eval").double().eval()
         plain.load_state_dict({k: v for k, v in model.state_dict().items() if "lora" not in k}, strict=False)
         assert (plain(x) - expected).abs().max() > 1e-3  # the adapters do change the output
-    got = load(model, device="cpu", dtype=torch.float64)(x)
+    got = exact_network(merge_span(model))(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
@@ -104,6 +110,18 @@ def test_dscf_equals_reference_forward(shared, dscf, dscf_upscaler):
         expected = dscf(batch)
     assert (dscf_upscaler(noncontiguous) - expected).abs().max() <= 1e-4
     assert (dscf_upscaler(batch[1]) - expected[1]).abs().max() <= 1e-4  # (C, H, W) input
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_dscf_on_each_fused_spab_backend(shared, dscf, backend):
+    """The C++ kernel, and the Triton kernel under the interpreter (small image: it is slow)."""
+    x = lr_image(shared, "head", (12, 20))
+    with torch.no_grad():
+        expected = dscf(x)
+    network = FusedSpan(merge_span(dscf))
+    with use_backend(backend):
+        got = network(x)
+    assert (got - expected).abs().max() <= 1e-4
 
 
 def test_dscf_set5_psnr(shared, dscf_upscaler):
@@ -140,7 +158,7 @@ def test_cuda_fp32_equals_reference_and_fp16_keeps_the_psnr(shared, dscf, monkey
 
 def test_tiles_padded_by_the_receptive_radius_are_exact(shared, dscf):
     x = lr_image(shared, "baby", (48, 60)).double()
-    network = FusedSpan(merge_span(dscf), dtype=torch.float64)
+    network = exact_network(merge_span(dscf))
     full = network(x)
     exact = upscale_tiled(network, x, 4, 16, RECEPTIVE_RADIUS)
     short = upscale_tiled(network, x, 4, 16, RECEPTIVE_RADIUS - 1)

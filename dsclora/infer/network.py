@@ -2,14 +2,9 @@
 import torch
 import torch.nn.functional as F
 
+import dsclora_kernels
+
 from .merge import MergedSpan, add_border_correction
-
-
-def eager_spab(x, w1, b1, w2, b2, w3, b3):
-    """One SPAB on eval-form weights with plain convs: (B, C, H, W) -> (out, h1)."""
-    h1 = F.silu(F.conv2d(x, w1, b1, padding=1))
-    o3 = F.conv2d(F.silu(F.conv2d(h1, w2, b2, padding=1)), w3, b3, padding=1)
-    return (o3 + x) * (torch.sigmoid(o3) - 0.5), h1
 
 
 class FusedSpan:
@@ -26,7 +21,7 @@ class FusedSpan:
         self.merged = merged.to(device, dtype)
         self.scale, self.device, self.dtype = merged.scale, torch.device(device), dtype
         self.memory_format = memory_format
-        self.spab = spab or _fused_spab()
+        self.spab = spab or dsclora_kernels.spab
 
     @torch.no_grad()  # not inference_mode: callers get ordinary tensors they may modify
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,6 +46,3 @@ def _pixels(t: torch.Tensor) -> torch.Tensor:
     """(B*H*W, C) rows of t (B, C, H, W): a view when t is channels_last, else a copy."""
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
-
-def _fused_spab():
-    return eager_spab  # placeholder until dsclora_kernels.spab lands
