@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -31,16 +32,56 @@ constexpr int64_t kRowBlock = 64;      // rows per work item: a multiple of ever
 constexpr int64_t kColumnTile = 128;   // columns per sign tile (128 x 64 floats = 32 KiB)
 
 struct Problem {
-  const void* xs;
-  const void* xt;
-  void* gs;  // null: no student gradient
-  void* gt;  // null: no teacher gradient
-  int64_t batch, cs, ct, ld;
+  const void *xs, *xt;  // x̂ (B, C, ld)
+  void *gs, *gt;        // G (B, C, ld) or null: gradient not wanted
+  const void *fs, *ft;  // raw F (B, C, n), for exact signs
+  const double *rs, *rt;  // 1 / (‖F_i‖ + eps) (B, n)
+  int64_t batch, cs, ct, ld, n;
+  double tie_bound;  // see Image::tie_bound
   int threads;
 };
 
+// One image's operands: x̂ (C, ld) zero beyond n, optional gradient outputs, and for exact signs
+// the raw features F (C, n) with the inverse norms 1 / (‖F_i‖ + eps) in float64.
+template <typename T>
+struct Image {
+  const T *xs, *xt;
+  T *gs, *gt;
+  const T *fs, *ft;
+  const double *rs, *rt;
+  int64_t cs, ct, ld, n;
+  T tie_bound;  // |D| below this may have the wrong sign in T; 0: no refinement
+};
+
+template <typename T>
+Image<T> image(const Problem& p, int64_t b) {
+  auto at = [b](const void* base, int64_t per_image) {
+    return base ? static_cast<const T*>(base) + b * per_image : nullptr;
+  };
+  const bool exact = p.tie_bound > 0;
+  return Image<T>{at(p.xs, p.cs * p.ld),
+                  at(p.xt, p.ct * p.ld),
+                  const_cast<T*>(at(p.gs, p.cs * p.ld)),
+                  const_cast<T*>(at(p.gt, p.ct * p.ld)),
+                  exact ? at(p.fs, p.cs * p.n) : nullptr,
+                  exact ? at(p.ft, p.ct * p.n) : nullptr,
+                  exact ? p.rs + b * p.n : nullptr,
+                  exact ? p.rt + b * p.n : nullptr,
+                  p.cs, p.ct, p.ld, p.n, static_cast<T>(p.tie_bound)};
+}
+
+// D_ij in float64 from the raw features: products of floats are exact in double.
+template <typename T>
+double exact_difference(const Image<T>& im, int64_t i, int64_t j) {
+  double s = 0, t = 0;
+  for (int64_t c = 0; c < im.cs; ++c) s += double(im.fs[c * im.n + i]) * double(im.fs[c * im.n + j]);
+  for (int64_t c = 0; c < im.ct; ++c) t += double(im.ft[c * im.n + i]) * double(im.ft[c * im.n + j]);
+  return s * im.rs[i] * im.rs[j] - t * im.rt[i] * im.rt[j];
+}
+
+
 namespace generic {
-constexpr int kVectorBytes = 16, kTileColumns = 3, kTileChannels = 6;
+constexpr int kVectorBytes = 16, kTileColumns = 6, kTileChannels = 6;
 #include "affinity_tiles.h"
 }  // namespace generic
 
@@ -49,7 +90,7 @@ constexpr int kVectorBytes = 16, kTileColumns = 3, kTileChannels = 6;
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-constexpr int kVectorBytes = 32, kTileColumns = 3, kTileChannels = 6;
+constexpr int kVectorBytes = 32, kTileColumns = 6, kTileChannels = 6;
 #include "affinity_tiles.h"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -87,16 +128,23 @@ double run(const Problem& p, const std::string& isa) {
 }
 
 // Σ_b Σ_ij |D_ij|; fills G_s / G_t (zeroed by the caller) where their pointers are non-zero.
-double affinity_l1(uintptr_t xs, uintptr_t xt, uintptr_t gs, uintptr_t gt, int64_t batch, int64_t cs,
-                   int64_t ct, int64_t ld, bool is_double, int threads, const std::string& isa) {
-  if (ld % kRowBlock != 0) throw std::invalid_argument("affinity_l1: ld must be a multiple of ROW_BLOCK");
+// With tie_bound > 0 (and gradients), entries with |D| < tie_bound are recomputed in float64 from
+// the raw features fs / ft and the inverse norms rs / rt, so that every sign is exact.
+double affinity_l1(uintptr_t xs, uintptr_t xt, uintptr_t gs, uintptr_t gt, uintptr_t fs, uintptr_t ft, uintptr_t rs,
+                   uintptr_t rt, int64_t batch, int64_t cs, int64_t ct, int64_t ld, int64_t n, double tie_bound,
+                   bool is_double, int threads, const std::string& isa) {
+  if (ld % kRowBlock != 0 || n > ld) throw std::invalid_argument("affinity_l1: need n <= ld and ld a multiple of ROW_BLOCK");
   if (batch < 0 || cs < 1 || ct < 1) throw std::invalid_argument("affinity_l1: need batch >= 0 and channels >= 1");
+  if (tie_bound > 0 && (!fs || !ft || !rs || !rt))
+    throw std::invalid_argument("affinity_l1: tie_bound > 0 needs the raw features and inverse norms");
   const auto isas = supported_isas();
   const std::string chosen = isa.empty() ? isas.front() : isa;
   if (std::find(isas.begin(), isas.end(), chosen) == isas.end())
     throw std::invalid_argument("affinity_l1: instruction set '" + chosen + "' is not supported by this CPU");
-  const Problem p{reinterpret_cast<const void*>(xs), reinterpret_cast<const void*>(xt), reinterpret_cast<void*>(gs),
-                  reinterpret_cast<void*>(gt), batch, cs, ct, ld, std::max(1, threads)};
+  auto ptr = [](uintptr_t address) { return reinterpret_cast<void*>(address); };
+  const Problem p{ptr(xs), ptr(xt), ptr(gs), ptr(gt), ptr(fs), ptr(ft),
+                  static_cast<const double*>(ptr(rs)), static_cast<const double*>(ptr(rt)),
+                  batch, cs, ct, ld, n, tie_bound, std::max(1, threads)};
   return is_double ? run<double>(p, chosen) : run<float>(p, chosen);
 }
 
@@ -107,10 +155,13 @@ PYBIND11_MODULE(_affinity, m) {
   m.doc() = "Blockwise spatial-affinity L1 loss and gradient (CPU, no N x N buffer)";
   m.attr("ROW_BLOCK") = kRowBlock;
   m.def("supported_isas", &supported_isas, "Instruction sets usable on this CPU, best first");
-  m.def("affinity_l1", &affinity_l1, py::arg("xs"), py::arg("xt"), py::arg("gs"), py::arg("gt"), py::arg("batch"),
-        py::arg("cs"), py::arg("ct"), py::arg("ld"), py::arg("is_double"), py::arg("threads"), py::arg("isa") = "",
+  m.def("affinity_l1", &affinity_l1, py::arg("xs"), py::arg("xt"), py::arg("gs"), py::arg("gt"), py::arg("fs"),
+        py::arg("ft"), py::arg("rs"), py::arg("rt"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("ld"),
+        py::arg("n"), py::arg("tie_bound"), py::arg("is_double"), py::arg("threads"), py::arg("isa") = "",
         py::call_guard<py::gil_scoped_release>(),
         "Σ|S−T| over all images and pixel pairs from normalised channel-major features x̂ (B, C, ld), "
-        "zero beyond N; fills G = Σ_j sign(D_ij) x̂_j into gs / gt (zeroed, same layout) when non-zero. "
+        "zero beyond n; fills G = Σ_j sign(D_ij) x̂_j into gs / gt (zeroed, same layout) when non-zero; "
+        "tie_bound > 0 makes the signs exact (float64 recomputation from the raw features fs / ft (B, C, n) "
+        "and inverse norms rs / rt (B, n) float64). Addresses are data_ptr()s, 0 for none. "
         "isa='' picks the best supported instruction set.");
 }

@@ -12,6 +12,8 @@ The forward computes the gradients in the same pass (Liger-Kernel's fused cross-
 the backward only scales them by grad_output. p = 2 reduces to C x C Gram matrices
 (``affinity_squared``).
 """
+from typing import NamedTuple
+
 import torch
 
 from . import _dispatch, _extension
@@ -73,48 +75,94 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _normalise(f: torch.Tensor, eps: float, dtype: torch.dtype, pad_to: int):
-    """x̂ (B, C, ld) in ``dtype``, zero beyond the N pixels (ld = N rounded up to ``pad_to``),
-    and the pixel norms ‖F‖ (B, 1, N)."""
-    x = f.flatten(2).to(dtype)
-    n = x.shape[-1]
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    xhat = x.new_empty(x.shape[0], x.shape[1], -(-n // pad_to) * pad_to)
+class _Normalised(NamedTuple):
+    """One input, prepared: x̂ (B, C, ld) zero beyond the N pixels, the raw features F (B, C, N)
+    contiguous, and the pixel norms ‖F‖ (B, 1, N) in float64."""
+
+    xhat: torch.Tensor
+    raw: torch.Tensor
+    norm: torch.Tensor
+
+    def inverse_norm(self, eps: float) -> torch.Tensor:
+        return (1.0 / (self.norm + eps)).squeeze(1).contiguous()
+
+
+def _normalise(f: torch.Tensor, eps: float, dtype: torch.dtype, pad_to: int) -> _Normalised:
+    """x̂ = F / (‖F‖ + eps) per pixel in ``dtype``; ld = N rounded up to ``pad_to``."""
+    raw = f.flatten(2).to(dtype).contiguous()
+    n = raw.shape[-1]
+    norm = torch.linalg.vector_norm(raw, dim=1, keepdim=True, dtype=torch.float64)
+    xhat = raw.new_empty(raw.shape[0], raw.shape[1], -(-n // pad_to) * pad_to)
     xhat[..., n:].zero_()
-    torch.div(x, norm + eps, out=xhat[..., :n])
-    return xhat, norm
+    # x̂ correctly rounded from float64 (an image at a time: a bounded temporary). Rounding
+    # 1/(‖F‖ + eps) first would scale each pixel by one shared error, a bias that does not average
+    # out in Σ|S − T| when student ≈ teacher (measured: 4x the loss error).
+    inverse = 1.0 / (norm + eps)
+    for b in range(raw.shape[0]):
+        xhat[b, :, :n].copy_(raw[b] * inverse[b])
+    return _Normalised(xhat, raw, norm)
 
 
-def _normalise_backward(g, xhat, norm, eps: float, factor: float) -> torch.Tensor:
+def _tie_bound(prepared: tuple[_Normalised, _Normalised], precision: str) -> float:
+    """|D| below which a computed sign may be wrong; 0 in float64 (no refinement needed).
+
+    float32: x̂ is correctly rounded (u/2) and a C-term dot product is within C·u, so
+    |D_computed − D| ≤ (Cs + Ct + 2)·u with u = 2⁻²⁴; we use (Cs + Ct + 16)·u. "tf32x3" products
+    carry ≈ 4u; "tf32" is not refined (its bound would cover most entries)."""
+    xs, xt = prepared
+    if xs.xhat.dtype == torch.float64 or precision == "tf32":
+        return 0.0
+    unit = 2.0**-24 * (4 if precision == "tf32x3" else 1)
+    return (xs.xhat.shape[1] + xt.xhat.shape[1] + 16) * unit
+
+
+def _normalise_backward(g, prepared: _Normalised, eps: float, factor: float) -> torch.Tensor:
     """∂L/∂F (B, C, N) for x̂ = F / (‖F‖ + eps), given ∂L/∂x̂ = factor · g (B, C, N)."""
-    out = g * (factor / (norm + eps))
-    radial = torch.linalg.vecdot(xhat, g, dim=1).unsqueeze(1) * (factor / norm.clamp_min(torch.finfo(norm.dtype).tiny))
+    n = prepared.norm.shape[-1]
+    g, xhat, norm = g[..., :n], prepared.xhat[..., :n], prepared.norm
+    out = g * (factor / (norm + eps)).to(g.dtype)
+    radial = torch.linalg.vecdot(xhat, g, dim=1).unsqueeze(1) * (factor / norm.clamp_min(1e-300)).to(g.dtype)
     return out.addcmul_(xhat, radial, value=-1)
 
 
-def _pass_cpp(xs, xt, grad_s: bool, grad_t: bool, precision: str, isa: str = ""):
-    """Σ|S − T| and G_s, G_t (or None) with the C++ kernel; xs, xt padded to its ROW_BLOCK."""
-    gs = torch.zeros_like(xs) if grad_s else None
-    gt = torch.zeros_like(xt) if grad_t else None
+def _pass_cpp(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float, isa: str = ""):
+    """Σ|S − T| and G_s, G_t (or None) with the C++ kernel; x̂ padded to its ROW_BLOCK."""
+    gs = torch.zeros_like(xs.xhat) if grad_s else None
+    gt = torch.zeros_like(xt.xhat) if grad_t else None
+    tie_bound = _tie_bound((xs, xt), precision) if grad_s or grad_t else 0.0
+    rs, rt = (xs.inverse_norm(eps), xt.inverse_norm(eps)) if tie_bound else (None, None)
+
+    def address(t):
+        return 0 if t is None else t.data_ptr()
+
+    batch, cs, ld = xs.xhat.shape
     total = _extension.load(EXTENSION).affinity_l1(
-        xs.data_ptr(), xt.data_ptr(), 0 if gs is None else gs.data_ptr(), 0 if gt is None else gt.data_ptr(),
-        batch=xs.shape[0], cs=xs.shape[1], ct=xt.shape[1], ld=xs.shape[2], is_double=xs.dtype == torch.float64,
-        threads=torch.get_num_threads(), isa=isa,
+        xs.xhat.data_ptr(), xt.xhat.data_ptr(), address(gs), address(gt), xs.raw.data_ptr(), xt.raw.data_ptr(),
+        address(rs), address(rt), batch=batch, cs=cs, ct=xt.xhat.shape[1], ld=ld, n=xs.raw.shape[-1],
+        tie_bound=tie_bound, is_double=xs.xhat.dtype == torch.float64, threads=torch.get_num_threads(), isa=isa,
     )
     return torch.tensor(total, dtype=torch.float64), gs, gt
 
 
-def _pass_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str):
+def _pass_triton(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float):
     from .affinity_triton import affinity_l1_triton  # imports triton: only when it runs
 
-    return affinity_l1_triton(xs, xt, grad_s, grad_t, precision)
+    tie_bound = _tie_bound((xs, xt), precision) if grad_s or grad_t else 0.0
+    return affinity_l1_triton(xs, xt, grad_s, grad_t, precision, tie_bound, eps)
 
 
-def _pass_reference(xs, xt, grad_s: bool, grad_t: bool, precision: str):
-    """The same three results, materialising D (B, N, N): tiny inputs and unsupported devices."""
-    d = xs.transpose(1, 2) @ xs - xt.transpose(1, 2) @ xt
-    sign = d.sign()  # symmetric: G = x̂ sign(D)
-    return d.abs().sum(dtype=torch.float64), xs @ sign if grad_s else None, xt @ sign if grad_t else None
+def _pass_reference(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float):
+    """The same three results, materialising D (B, N, N) in float64: tiny inputs, other devices."""
+
+    def affinity(x: _Normalised):
+        r = x.inverse_norm(eps).unsqueeze(1)
+        raw = x.raw.double()
+        return (raw.transpose(1, 2) @ raw) * (r.transpose(1, 2) * r)
+
+    d = affinity(xs) - affinity(xt)
+    sign = d.sign().to(xs.xhat.dtype)  # symmetric: G = x̂ sign(D)
+    g = [x.xhat @ sign if wanted else None for x, wanted in ((xs, grad_s), (xt, grad_t))]
+    return d.abs().sum(), *g
 
 
 _PASSES = {"cpp": _pass_cpp, "triton": _pass_triton, "reference": _pass_reference}
@@ -139,19 +187,18 @@ def spatial_affinity_l1(
     backend = _dispatch.choose(OP, EXTENSION, f_student.device)
     pad_to = _extension.load(EXTENSION).ROW_BLOCK if backend == "cpp" else 1
     dtype = _compute_dtype(f_student, f_teacher)
-    xs, norm_s = _normalise(f_student, eps, dtype, pad_to)
-    xt, norm_t = _normalise(f_teacher, eps, dtype, pad_to)
-    total, gs, gt = _PASSES[backend](xs, xt, grad_student, grad_teacher, precision)
-    batch, n = norm_s.shape[0], norm_s.shape[-1]
+    xs, xt = _normalise(f_student, eps, dtype, pad_to), _normalise(f_teacher, eps, dtype, pad_to)
+    total, gs, gt = _PASSES[backend](xs, xt, grad_student, grad_teacher, precision, eps)
+    batch, n = f_student.shape[0], xs.raw.shape[-1]
     scale = 1.0 / (batch * n * n) if reduction == "mean" else 1.0
     loss = (total * scale).to(torch.result_type(f_student, f_teacher))
 
-    def input_gradient(f, g, xhat, norm, factor):
+    def input_gradient(f, g, prepared, factor):
         if g is None:
             return _gradient_or_empty(f, False)
-        return _normalise_backward(g[..., :n], xhat[..., :n], norm, eps, factor).view(f.shape).to(f.dtype)
+        return _normalise_backward(g, prepared, eps, factor).view(f.shape).to(f.dtype)
 
-    return loss, input_gradient(f_student, gs, xs, norm_s, 2 * scale), input_gradient(f_teacher, gt, xt, norm_t, -2 * scale)
+    return loss, input_gradient(f_student, gs, xs, 2 * scale), input_gradient(f_teacher, gt, xt, -2 * scale)
 
 
 @spatial_affinity_l1.register_fake
