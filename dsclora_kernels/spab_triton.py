@@ -27,7 +27,7 @@ except ImportError:  # dispatch never chooses "triton" without it (_dispatch.tri
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest frame side and tl.dot panel height (pixels): on the GPU and under the interpreter.
-MAX_FRAME, PANEL, INTERPRETER_PANEL = 32, 128, 64
+MAX_FRAME, PANEL, INTERPRETER_PANEL = 32, 128, 256
 
 
 def frame(h: int, w: int, panel: int) -> tuple[int, int, int]:

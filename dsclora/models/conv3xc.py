@@ -81,6 +81,7 @@ def collapse_branches(w1, b1, w2, b2, w3, b3, w_sk, b_sk):
     Shapes: w1 (m, c_in, 1, 1), w2 (n, m, 3, 3), w3 (c_out, n, 1, 1), w_sk (c_out, c_in, 1, 1).
     Computed in float64, returned in w2's dtype.
     """
+    dtype = w2.dtype
     f64 = [t.double() for t in (w1, b1, w2, b2, w3, b3, w_sk, b_sk)]
     w1, b1, w2, b2, w3, b3, w_sk, b_sk = f64
     w12 = torch.einsum("nmhw,mi->nihw", w2, w1[:, :, 0, 0])
@@ -88,4 +89,4 @@ def collapse_branches(w1, b1, w2, b2, w3, b3, w_sk, b_sk):
     weight = torch.einsum("cn,nihw->cihw", w3[:, :, 0, 0], w12)
     weight[:, :, 1, 1] += w_sk[:, :, 0, 0]
     bias = w3[:, :, 0, 0] @ b12 + b3 + b_sk
-    return weight.to(w2.dtype), bias.to(w2.dtype)
+    return weight.to(dtype), bias.to(dtype)

@@ -1,0 +1,291 @@
+"""The fused SPAB op (dsclora_kernels.spab) against its PyTorch reference: C++ and Triton
+(interpreted on CPU tensors) backends, forward and gradients, custom-op machinery, SPAN's
+fused path. Expected values are float64 runs of the reference."""
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsclora.models import SPAN, load_model
+from dsclora_kernels import _extension, _log, spab, spab_reference, use_backend
+
+spab_module = importlib.import_module("dsclora_kernels.spab")
+needs_cpp = pytest.mark.skipif(_extension.load("spab") is None, reason="C++ extension _spab not built")
+BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
+NAMES = ("x", "w1", "b1", "w2", "b2", "w3", "b3")
+
+
+def block_inputs(b, c, h, w, dtype=torch.float32, scale=3.0):
+    """x with features of a few units, weights of the size of DSCF's (|w| ~ 0.1)."""
+    x = torch.randn(b, c, h, w, dtype=dtype) * scale
+    weights = []
+    for _ in range(3):
+        weights += [torch.randn(c, c, 3, 3, dtype=dtype) * 0.1, torch.randn(c, dtype=dtype) * 0.1]
+    return x, weights
+
+
+def reference64(x, weights):
+    return spab_reference(x.double(), *(w.double() for w in weights))
+
+
+def max_error(ours, expected):
+    return max((a.double() - e).abs().max().item() for a, e in zip(ours, expected))
+
+
+def grads(fn, inputs, g_out, g_h1):
+    """Gradients of <out, g_out> + <h1, g_h1> (g_h1 None: h1 unused) w.r.t. all inputs."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out, h1 = fn(*inputs)
+    loss = (out * g_out.to(out.dtype)).sum()
+    if g_h1 is not None:
+        loss = loss + (h1 * g_h1.to(h1.dtype)).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+def relative_l2(ours, expected):
+    return max(((a.double() - e).norm() / e.norm()).item() for a, e in zip(ours, expected))
+
+
+# ---- forward ----
+
+CPP_SHAPES = [(1, 26, 9, 13), (2, 26, 1, 1), (1, 28, 17, 40), (3, 48, 5, 7), (1, 52, 6, 150),
+              (2, 5, 4, 3), (1, 1, 3, 3), (1, 26, 70, 300)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", CPP_SHAPES)
+def test_cpp_forward_matches_reference(shape):
+    x, weights = block_inputs(*shape)
+    with use_backend("cpp"):
+        ours = spab(x, *weights)
+    assert max_error(ours, reference64(x, weights)) <= 1e-4
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+def test_cpp_every_instruction_set(monkeypatch, isa):
+    if isa not in _extension.load("spab").isas():
+        pytest.skip(f"this CPU does not run {isa}")
+    monkeypatch.setattr(spab_module, "CPU_ISA", isa)
+    x, weights = block_inputs(2, 26, 11, 37)
+    with use_backend("cpp"):
+        ours = spab(x, *weights)
+    assert max_error(ours, reference64(x, weights)) <= 1e-4
+
+
+@needs_cpp
+@pytest.mark.parametrize("strip_width,band_height,threads", [(8, 3, 3), (5, 1, 2), (13, 4, 1), (64, 2, 4)])
+def test_cpp_tilings_give_the_same_result(strip_width, band_height, threads):
+    """Strips and bands recompute their halos: every tiling must equal the reference."""
+    ext = _extension.load("spab")
+    x, weights = block_inputs(2, 26, 10, 29)
+    packed = spab_module._pack_cpu(*weights)
+    out, h1 = torch.empty_like(x), torch.empty_like(x)
+    desc = spab_module._desc
+    ext.forward(tuple(x.shape), desc(x), desc(out), desc(h1), [p.data_ptr() for p in packed],
+                threads, "auto", strip_width, band_height)
+    assert max_error((out, h1), reference64(x, weights)) <= 1e-4
+
+
+TRITON_SHAPES = [(1, 26, 9, 13), (2, 28, 1, 1), (1, 48, 6, 5), (2, 26, 3, 40)]
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+def test_triton_forward_matches_reference(shape):
+    x, weights = block_inputs(*shape)
+    with use_backend("triton"):
+        ours = spab(x, *weights)
+    assert max_error(ours, reference64(x, weights)) <= 1e-4
+
+
+def test_triton_gpu_tiling_under_the_interpreter(monkeypatch):
+    """The GPU's panel height (fewer rows per tl.dot panel), interpreted."""
+    triton_module = importlib.import_module("dsclora_kernels.spab_triton")
+    monkeypatch.setattr(triton_module, "INTERPRETER_PANEL", triton_module.PANEL)
+    x, weights = block_inputs(1, 26, 30, 29)
+    with use_backend("triton"):
+        ours = spab(x, *weights)
+    assert max_error(ours, reference64(x, weights)) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision(dtype):
+    x, weights = block_inputs(1, 26, 7, 9, dtype=dtype, scale=1.0)
+    with use_backend("triton"):
+        ours = spab(x, *weights)
+    assert ours[0].dtype == dtype
+    expected = reference64(x, weights)
+    tolerance = 2e-2 if dtype == torch.float16 else 1e-1  # a few units in the last place of |out| ~ 5
+    assert max_error(ours, expected) <= tolerance
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "permuted"])
+def test_any_input_layout(backend, layout):
+    x, weights = block_inputs(2, 26, 6, 11)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.cat([x, x], dim=3)[:, :, :, ::2]
+    else:
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    with use_backend(backend):
+        out, h1 = spab(x, *weights)
+    assert out.stride() == h1.stride() == torch.empty_like(x).stride()
+    assert max_error((out, h1), reference64(x, weights)) <= 1e-4
+
+
+# ---- gradients ----
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("use_h1", [True, False])
+def test_gradients_match_reference(backend, use_h1):
+    x, weights = block_inputs(2, 26, 7, 9)
+    g_out = torch.randn_like(x)
+    g_h1 = torch.randn_like(x) if use_h1 else None
+    expected = grads(spab_reference, [t.double() for t in (x, *weights)], g_out.double(), g_h1)
+    with use_backend(backend):
+        ours = grads(spab, [x, *weights], g_out, g_h1)
+    assert relative_l2(ours, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_of_weights_only_and_from_sum(backend):
+    """x without grad (the first block of a frozen stem) and stride-0 gradients from .sum()."""
+    x, weights = block_inputs(1, 28, 5, 6)
+    weights = [w.requires_grad_() for w in weights]
+    with use_backend(backend):
+        out, h1 = spab(x, *weights)
+        ours = torch.autograd.grad(out.sum() + h1.sum(), weights)
+    ref_weights = [w.detach().double().requires_grad_() for w in weights]
+    out, h1 = spab_reference(x.double(), *ref_weights)
+    expected = torch.autograd.grad(out.sum() + h1.sum(), ref_weights)
+    assert relative_l2(ours, expected) <= 1e-4
+
+
+def test_gradcheck_float64():
+    """The backward formula (recompute + convolution backward) against finite differences."""
+    x, weights = block_inputs(2, 3, 3, 4, dtype=torch.float64, scale=1.0)
+    inputs = [t.requires_grad_() for t in (x, *weights)]
+    with use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda *t: spab(*t), inputs, fast_mode=True)
+
+
+# ---- custom-op machinery ----
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    x, weights = block_inputs(2, 26, 5, 7)
+    inputs = [t.requires_grad_() for t in (x, *weights)]
+    with use_backend(backend):
+        torch.library.opcheck(spab, tuple(inputs))
+
+
+@needs_cpp
+def test_torch_compile_fullgraph_forward_and_backward():
+    x, weights = block_inputs(2, 26, 5, 7)
+
+    def block_loss(x, *weights):
+        out, h1 = spab(x * 2, *weights)
+        return (out.sin() + h1).sum()
+
+    compiled = torch.compile(block_loss, fullgraph=True, backend="aot_eager")
+    inputs = [t.requires_grad_() for t in (x, *weights)]
+    with use_backend("cpp"):
+        loss = compiled(*inputs)
+        ours = torch.autograd.grad(loss, inputs)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    out, h1 = spab_reference(ref_inputs[0] * 2, *ref_inputs[1:])
+    expected = torch.autograd.grad((out.sin() + h1).sum(), ref_inputs)
+    assert abs(loss.item() - (out.sin() + h1).sum().item()) <= 1e-3
+    assert relative_l2(ours, expected) <= 1e-4
+
+
+@needs_cpp
+def test_packed_weights_follow_in_place_updates():
+    x, weights = block_inputs(1, 26, 4, 5)
+    with use_backend("cpp"):
+        before = spab(x, *weights)[0]
+        with torch.no_grad():
+            weights[2].mul_(-1)  # an optimizer step on w2
+        after = spab(x, *weights)[0]
+    assert max_error((after,), reference64(x, weights)[:1]) <= 1e-4
+    assert (after - before).abs().max() > 1e-2
+
+
+@needs_cpp
+def test_float64_on_cpu_falls_back_with_a_logged_reason():
+    x, weights = block_inputs(1, 26, 3, 4, dtype=torch.float64)
+    with use_backend("cpp"), pytest.warns(RuntimeWarning, match="float32 only"):
+        _log.FALLBACKS.pop("spab:cpp:torch.float64", None)
+        ours = spab(x, *weights)
+    assert max_error(ours, reference64(x, weights)) <= 1e-12
+
+
+@pytest.mark.parametrize("index,bad,match", [
+    (0, torch.zeros(26, 5, 5), "x must be"),
+    (3, torch.zeros(26, 26, 1, 1), "w2 must have shape"),
+    (6, torch.zeros(25), "b3 must have shape"),
+    (1, torch.zeros(26, 26, 3, 3, dtype=torch.float64), "w1 is torch.float64"),
+])
+def test_bad_inputs_are_named(index, bad, match):
+    x, weights = block_inputs(1, 26, 3, 3)
+    inputs = [x, *weights]
+    inputs[index] = bad
+    with pytest.raises(ValueError, match=match):
+        spab(*inputs)
+
+
+# ---- real features and the SPAN model ----
+
+@pytest.fixture(scope="module")
+def dscf_features(shared):
+    """DSCF (C = 26) and its conv_1 features on a 24x40 crop of Set5 'baby' (|x| up to ~100)."""
+    model = load_model(shared / "weights" / "dscf_x4_team23.pth")
+    image = np.asarray(Image.open(shared / "data" / "Set5" / "baby.png").convert("RGB"), dtype=np.float32)
+    lr = torch.from_numpy(image[200:224, 240:280] / 255.0).permute(2, 0, 1)[None].contiguous()
+    with torch.no_grad():
+        f0 = model.conv_1((lr - model.mean) * model.img_range)
+    return model, lr, f0
+
+
+@pytest.mark.parametrize("backend,blocks", [pytest.param("cpp", 6, marks=needs_cpp), ("triton", 2)])
+def test_dscf_blocks_on_real_features(dscf_features, backend, blocks):
+    model, _, h = dscf_features
+    assert h.abs().max() > 10  # real feature magnitudes
+    for block in model.blocks[:blocks]:  # the interpreter is slow: Triton runs the first two
+        weights = [t.detach() for conv in (block.c1_r, block.c2_r, block.c3_r) for t in conv.weight_and_bias()]
+        with torch.no_grad(), use_backend(backend):
+            ours = spab(h, *weights)
+        expected = reference64(h, weights)
+        assert max_error(ours, expected) <= 1e-4
+        h = expected[0].float()
+
+
+@needs_cpp
+def test_fused_span_equals_unfused(dscf_features):
+    model, lr, _ = dscf_features
+    with torch.no_grad():
+        expected, expected_features = model(lr, return_features=True)
+        model.use_fused_blocks()
+        try:
+            ours, features = model(lr, return_features=True)
+        finally:
+            model.use_fused_blocks(False)
+    assert all(b.fused is False for b in model.blocks)
+    assert (ours - expected).abs().max() <= 1e-4
+    assert max_error(features, expected_features) <= 1e-3  # features reach ~1e2
+
+
+@needs_cpp
+def test_fused_span_trains_like_unfused():
+    """Training form: gradients reach the Conv3XC branches through weight_and_bias()."""
+    model = SPAN(26, upscale=2, form="train").train()
+    lr = torch.rand(2, 3, 6, 7)
+    params = [p for name, p in model.named_parameters() if "eval_conv" not in name]  # unused in training
+    expected = torch.autograd.grad(model(lr).square().mean(), params)
+    model.use_fused_blocks()
+    ours = torch.autograd.grad(model(lr).square().mean(), params)
+    assert relative_l2(ours, expected) <= 1e-4
