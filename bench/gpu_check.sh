@@ -18,4 +18,13 @@ if want infer; then
 fi
 # ==== end infer ================================================================================
 
+# ==== spab: the fused SPAB op dsclora_kernels.spab (Triton forward + recompute backward) =========
+if want spab; then
+  echo "== spab: CUDA tests (fp32/fp16/bf16 forward == reference, fp32 gradients, opcheck, compile) =="
+  python -m pytest -q tests/test_spab.py -k cuda || status=1
+  echo "== spab: 1x26x512x512 fp16: eager (cuDNN NCHW / channels_last), torch.compile, fused; fwd+bwd, memory =="
+  PYTHONPATH=. python bench/bench_spab.py --device cuda || status=1
+fi
+# ==== end spab =================================================================================
+
 exit $status

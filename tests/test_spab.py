@@ -289,3 +289,46 @@ def test_fused_span_trains_like_unfused():
     model.use_fused_blocks()
     ours = torch.autograd.grad(model(lr).square().mean(), params)
     assert relative_l2(ours, expected) <= 1e-4
+
+
+# ---- CUDA (the lent GPU machine; skipped elsewhere) ----
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
+@pytest.mark.parametrize("shape", [(1, 26, 9, 13), (2, 28, 1, 1), (1, 48, 33, 70), (1, 52, 17, 9), (1, 26, 256, 256)])
+def test_cuda_forward_matches_reference(dtype, tolerance, shape):
+    x, weights = block_inputs(*shape, scale=1.0 if dtype != torch.float32 else 3.0)
+    x, weights = x.cuda().to(dtype), [w.cuda().to(dtype) for w in weights]
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    expected = reference64(x, weights)
+    for layout in (x, x_cl):
+        ours = spab(layout, *weights)
+        assert ours[0].dtype == dtype
+        assert max_error(ours, expected) <= tolerance
+
+
+@cuda
+@pytest.mark.parametrize("use_h1", [True, False])
+def test_cuda_gradients_match_reference(monkeypatch, use_h1):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32 convolution backward
+    x, weights = block_inputs(2, 26, 37, 45)
+    x, weights = x.cuda(), [w.cuda() for w in weights]
+    g_out = torch.randn_like(x)
+    g_h1 = torch.randn_like(x) if use_h1 else None
+    expected = grads(spab_reference, [t.double() for t in (x, *weights)], g_out.double(), g_h1)
+    ours = grads(spab, [x, *weights], g_out, g_h1)
+    assert relative_l2(ours, expected) <= 1e-4
+
+
+@cuda
+def test_cuda_opcheck_and_compile():
+    x, weights = block_inputs(2, 26, 20, 30)
+    inputs = [t.cuda().requires_grad_() for t in (x, *weights)]
+    torch.library.opcheck(spab, tuple(inputs))
+    compiled = torch.compile(lambda *t: spab(*t)[0].square().sum(), fullgraph=True)
+    loss = compiled(*inputs)
+    out, _ = spab_reference(*(t.double() for t in inputs))
+    assert abs(loss.item() - out.square().sum().item()) <= 1e-4 * out.square().sum().item()
