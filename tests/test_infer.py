@@ -307,6 +307,12 @@ def test_cli_output_scale_and_argument_errors(tmp_path, capsys):
     assert cli_main(["infer", str(tmp_path / "x.png"), "-o", str(tmp_path / "o"),
                      "--weights", str(tmp_path / "missing.pth")]) == 2
     assert "missing.pth" in capsys.readouterr().err
+    assert cli_main(["infer", str(tmp_path / "nothing*.png"), "-o", str(tmp_path / "o")]) == 1
+    assert "nothing*.png" in capsys.readouterr().err  # no image at all: the model is not even loaded
+    if not torch.cuda.is_available():
+        assert cli_main(["infer", str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--weights", str(weights),
+                         "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
 
 
 def test_inputs_and_output_paths(tmp_path):

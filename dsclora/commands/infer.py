@@ -32,6 +32,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import sys
+    from pathlib import Path
 
     import torch
 
@@ -48,6 +49,15 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"dsclora infer: {exc}", file=sys.stderr)
         return 2
+    try:  # before any work: an output folder that cannot exist fails every file
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"dsclora infer: cannot create the output folder {args.output}: {exc}", file=sys.stderr)
+        return 2
+    if not targets:
+        for name, reason in missing.items():
+            print(f"dsclora infer: {name}: {reason}", file=sys.stderr)
+        return 1
     dtype = getattr(torch, PRECISIONS[args.precision]) if args.precision else None
     try:
         upscaler = load(args.weights, device=args.device, dtype=dtype)

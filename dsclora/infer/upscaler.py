@@ -24,6 +24,8 @@ def load(weights=None, device=None, dtype=None) -> "Upscaler":
         weights = fetch()
     model = weights if isinstance(weights, nn.Module) else load_model(weights)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available here")
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     return Upscaler(merge_span(model), device, dtype)
@@ -66,12 +68,20 @@ class Upscaler:
         raise TypeError(f"expected a torch.Tensor, numpy array or PIL image, got {type(image).__name__}")
 
     def upscale_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) or (C, H, W) float, C in 1..4 -> (B, C, sH, sW) on x's device, not clamped."""
+        """(B, C, H, W) or (C, H, W) float, C in 1..4 -> (B, C, sH, sW) on x's device, not clamped.
+
+        Empty or non-finite (NaN, inf) input raises ValueError."""
         if x.dim() == 3:
             return self.upscale_tensor(x[None])[0]
         if x.dim() != 4 or x.shape[1] not in (1, 2, 3, 4) or not x.is_floating_point():
             raise ValueError(f"expected a float tensor (B, C, H, W) with C in 1..4, got "
                              f"{x.dtype} {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"expected a non-empty image, got shape {tuple(x.shape)}")
+        finite = torch.isfinite(x)
+        if not finite.all():
+            raise ValueError(f"the input holds {int(finite.numel() - finite.sum())} non-finite "
+                             "values (NaN or inf); the upscaled image would not be defined there")
         color = 3 if x.shape[1] >= 3 else 1
         planes = [self._upscale_color(x[:, :color])]
         if x.shape[1] > color:
