@@ -62,7 +62,7 @@ def _check_plane(x: np.ndarray, name: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"ssim: {name} must be an (H, W) plane, got shape {x.shape}")
-    return x if x.strides[1] == 8 and x.strides[0] % 8 == 0 else np.ascontiguousarray(x)
+    return x if x.strides[1] == 8 else np.ascontiguousarray(x)
 
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
@@ -72,8 +72,6 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
         raise ValueError(f"rgb_to_y: expected an (H, W, 3) image, got shape {img.shape}")
     if _backend("rgb_to_y") != "cpp":
         return rgb_to_y_reference(img)
-    if any(s % 8 for s in img.strides):
-        img = np.ascontiguousarray(img)
     out = np.empty(img.shape[:2], dtype=np.float64)
     row, col, channel = (s // 8 for s in img.strides)
     _extension.load("metrics").rgb_to_y(

@@ -66,7 +66,7 @@ def _decode_png16(path: Path, rawmode: str) -> np.ndarray:
 
 
 def _to_float(samples: np.ndarray, bit_depth: int) -> np.ndarray:
-    return (samples.astype(np.float32) / np.float32(2**bit_depth - 1)).astype(np.float32)
+    return samples.astype(np.float32) / np.float32(2**bit_depth - 1)
 
 
 def _split(samples: np.ndarray, bit_depth: int, path: Path) -> LoadedImage:
@@ -103,16 +103,19 @@ def load_image(path) -> LoadedImage:
                 samples, bits = np.clip(np.asarray(im).astype(np.int64), 0, 65535), 16
             elif mode in ("L", "LA", "RGB", "RGBA"):
                 samples, bits = np.asarray(im), 8
+            elif mode == "F":  # float samples have no defined range: guessing one would corrupt them
+                raise ImageReadError(f"{path}: 32-bit float samples (mode F) are not supported; "
+                                     "save the image as an 8- or 16-bit PNG or TIFF")
             elif mode == "1":
                 samples, bits = np.asarray(im.convert("L")), 8
             elif mode in ("P", "PA"):
                 has_alpha = mode == "PA" or "transparency" in im.info
                 samples, bits = np.asarray(im.convert("RGBA" if has_alpha else "RGB")), 8
-            else:  # CMYK, YCbCr, LAB, HSV, F, ...
+            else:  # CMYK, YCbCr, LAB, HSV, ...
                 samples, bits = np.asarray(im.convert("RGB")), 8
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: cannot be read as an image ({exc})") from exc
     return _split(samples, bits, path)
 
