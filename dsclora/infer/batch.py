@@ -75,9 +75,17 @@ def upscale_files(upscaler: Upscaler, pairs, out_scale: float | None = None,
     """
     failures: dict[str, str] = {}
     queue = deque(pairs)
+
+    def finish(write) -> None:
+        src, future = write
+        try:
+            future.result()
+        except Exception as exc:  # one bad file must not stop the batch
+            failures[str(src)] = _describe(src, exc)
+
     with ThreadPoolExecutor(2, thread_name_prefix="dsclora-read") as readers, \
             ThreadPoolExecutor(2, thread_name_prefix="dsclora-write") as writers:
-        reads, writes = deque(), []
+        reads, writes = deque(), deque()
 
         def read_next():
             if queue:
@@ -95,16 +103,15 @@ def upscale_files(upscaler: Upscaler, pairs, out_scale: float | None = None,
                 rgb, alpha = upscale_image(upscaler, image, out_scale)
                 bits = image.bit_depth if dst.suffix.lower() == ".png" else 8
                 writes.append((src, writers.submit(save_image, dst, rgb, alpha, bits, image.gray)))
-            except Exception as exc:  # one bad file must not stop the batch
-                failures[str(src)] = _describe(src, exc)
-                bar.write(f"dsclora infer: FAILED {src}: {failures[str(src)]}", file=sys.stderr)
-            bar.update()
-        bar.close()
-        for src, future in writes:
-            try:
-                future.result()
             except Exception as exc:
                 failures[str(src)] = _describe(src, exc)
+                bar.write(f"dsclora infer: FAILED {src}: {failures[str(src)]}", file=sys.stderr)
+            while len(writes) > 2 * prefetch:  # bound the upscaled images held in memory
+                finish(writes.popleft())
+            bar.update()
+        bar.close()
+        while writes:
+            finish(writes.popleft())
     return failures
 
 
