@@ -243,8 +243,9 @@ def test_unreadable_files_name_file_and_reason(tmp_path):
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image")
+    Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "float.tif")
     for name, reason in [("truncated.png", "cannot be read"), ("empty.png", "empty"),
-                         ("text.png", "cannot be read"), ("missing.png", "no such")]:
+                         ("text.png", "cannot be read"), ("missing.png", "no such"), ("float.tif", "mode F")]:
         with pytest.raises(ImageReadError, match=reason) as info:
             load_image(tmp_path / name)
         assert name in str(info.value)
