@@ -23,8 +23,8 @@ _WEIGHT_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
 
 
 def _check(x: Tensor, weights: tuple[Tensor, ...]) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"spab: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"spab: x must be a float (B, C, H, W) tensor, got {x.dtype} {tuple(x.shape)}")
     c = x.shape[1]
     for name, t in zip(_WEIGHT_NAMES, weights):
         expected = (c, c, 3, 3) if name[0] == "w" else (c,)

@@ -1,0 +1,164 @@
+"""Bad and unusual inputs (tests/corpus.py): each gives a correct result or one clear error naming
+the file and the reason; a batch goes on past bad files, ends with a summary and a non-zero exit
+code, and never leaves a partial output file behind."""
+import errno
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from corpus import TILE, api_cases, build_files, build_inputs, check_file, cli_batch, reason_matches
+from dsclora.data import load_image
+from dsclora.infer import Upscaler, merge_span
+from dsclora.infer.batch import upscale_image
+from dsclora.models import SPAN
+from dsclora_kernels import spab, spab_reference, spatial_affinity_loss, spatial_affinity_loss_reference
+
+
+def tiny_span(scale: int = 2) -> SPAN:
+    model = SPAN(8, None, scale, form="eval")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    torch.save(tiny_span().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def upscaler() -> Upscaler:
+    return Upscaler(merge_span(tiny_span()))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    return folder, build_files(folder / "files"), build_inputs(folder / "inputs")
+
+
+def test_the_corpus_is_large_enough(corpus):
+    _, files, inputs = corpus
+    assert len(files) + len(inputs) + len(api_cases()) >= 40
+    assert sum(c.error is not None for c in files) >= 15
+
+
+def test_every_file_reads_correctly_or_fails_naming_file_and_reason(corpus):
+    folder, files, _ = corpus
+    outcomes = [check_file(folder / "files", case) for case in files]
+    failed = [f"{o.name}: expected {o.expected}, got {o.got}" for o in outcomes if not o.passed]
+    assert not failed, "\n".join(failed)
+
+
+def test_batch_goes_on_past_bad_files_with_a_summary_and_exit_code_1(corpus, weights, upscaler, tmp_path):
+    folder, files, inputs = corpus
+    arguments = [str(folder / "files"), str(folder / "files" / "dangling.png"), *(c.argument for c in inputs)]
+    run = cli_batch(arguments, tmp_path / "out", weights, "--ext", "png", "--tile", str(TILE))
+    good = [c for c in files if c.error is None]
+    assert run.code == 1
+    assert f"{len(good)} of {len(files) + len(inputs)} inputs upscaled" in run.stderr
+    expected_failures = {str(folder / "files" / c.name): c.error for c in files if c.error}
+    expected_failures.update({c.argument: c.error for c in inputs})
+    assert set(run.failures) == set(expected_failures)
+    for name, reason in run.failures.items():
+        assert reason_matches(reason, expected_failures[name]), (name, reason)
+    assert run.outputs == sorted(f"{Path(c.name).stem}.png" for c in good)
+    assert run.leftovers == []
+    for case in good:  # tiled CLI output == untiled API output, bit depth, gray and alpha kept
+        source = load_image(folder / "files" / case.name)
+        written = load_image(tmp_path / "out" / f"{Path(case.name).stem}.png")
+        rgb, alpha = upscale_image(upscaler, source)
+        if source.gray:
+            rgb = rgb.mean(axis=2, keepdims=True).repeat(3, axis=2)
+        assert (written.bit_depth, written.gray) == (source.bit_depth, source.gray), case.name
+        assert (written.alpha is None) == (alpha is None), case.name
+        step = 0.5 / (2**source.bit_depth - 1) + 1e-6
+        np.testing.assert_allclose(written.rgb, rgb, rtol=0, atol=step, err_msg=case.name)
+        if alpha is not None:
+            np.testing.assert_allclose(written.alpha, alpha, rtol=0, atol=step, err_msg=case.name)
+
+
+def test_an_output_folder_that_cannot_exist_fails_at_once(tmp_path, weights):
+    """Root ignores permission bits, so chmod cannot make a folder unwritable in these tests;
+    a path under a regular file cannot be created by anyone (ENOTDIR)."""
+    save_image_rgb(tmp_path / "a.png")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    run = cli_batch([str(tmp_path / "a.png")], blocker / "out", weights)
+    assert run.code == 2
+    assert f"cannot create the output folder {blocker / 'out'}" in run.stderr and "Not a directory" in run.stderr
+    assert blocker.read_text() == "not a folder"
+
+
+def save_image_rgb(path: Path, size=(5, 6)) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def test_failed_writes_leave_no_partial_file_and_the_batch_goes_on(tmp_path, weights, monkeypatch):
+    """Three targets fail for root too: one is an existing folder (EISDIR on rename), one name is
+    longer than the file system allows (ENAMETOOLONG), one write hits a full disk (simulated)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    names = ["blocked.png", "disk_full.png", "fine.png", "x" * 250 + ".png"]
+    for name in names[:3]:
+        save_image_rgb(src / name)
+    save_image_rgb(tmp_path / names[3])  # 254 bytes: a valid name, but not with the suffix
+    out = tmp_path / "out"
+    (out / "blocked_up.png").mkdir(parents=True)
+    real_save = Image.Image.save
+
+    def save_until_disk_full(image, fp, *args, **kwargs):
+        if "disk_full" in str(fp):
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half an image")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_until_disk_full)
+    run = cli_batch([str(src), str(tmp_path / names[3])], out, weights, "--suffix", "_up")
+    assert run.code == 1
+    assert "1 of 4 inputs upscaled" in run.stderr
+    assert run.outputs == ["blocked_up.png", "fine_up.png"] and (out / "blocked_up.png").is_dir()
+    assert run.leftovers == []
+    reasons = {Path(name).name: reason for name, reason in run.failures.items()}
+    assert "Is a directory" in reasons["blocked.png"]
+    assert "No space left on device" in reasons["disk_full.png"]
+    assert "File name too long" in reasons[names[3]]
+
+
+@pytest.mark.parametrize("case", api_cases(), ids=lambda c: c.name)
+def test_api_input(case, upscaler):
+    if case.error is not None:
+        with pytest.raises((ValueError, TypeError), match=case.error.replace("(", r"\(").replace(")", r"\)")):
+            upscaler(case.make())
+        return
+    given = case.make()
+    got = upscaler(given)
+    expected = upscaler(case.equivalent().float().contiguous())
+    if isinstance(given, np.ndarray):
+        assert got.dtype == given.dtype and got.shape == (given.shape[0] * 2, given.shape[1] * 2, given.shape[2])
+        expected = (expected.clamp(0, 1).permute(1, 2, 0).numpy() * 65535).round()
+        np.testing.assert_allclose(got.astype(np.float64), expected, rtol=0, atol=1)
+        return
+    assert got.dtype == given.dtype and got.shape[-2:] == (given.shape[-2] * 2, given.shape[-1] * 2)
+    tolerance = {torch.float16: 2e-3}.get(given.dtype, 1e-6)
+    torch.testing.assert_close(got.float().reshape(expected.shape), expected, rtol=0, atol=tolerance)
+
+
+def test_fast_ops_name_bad_dtypes_and_propagate_nan_like_their_references():
+    x = torch.randn(1, 4, 5, 6)
+    weights = [torch.randn(4, 4, 3, 3) * 0.1, torch.randn(4) * 0.1] * 3
+    with pytest.raises(ValueError, match="spab: x must be a float"):
+        spab(x.long(), *(w.long() for w in weights))
+    with pytest.raises(ValueError, match="f_teacher must be a non-empty float"):
+        spatial_affinity_loss(x, x.int())
+    holes = x.masked_fill(x > 1.5, float("nan"))
+    for ours, reference in zip(spab(holes, *weights), spab_reference(holes, *weights)):
+        assert torch.equal(ours.isnan(), reference.isnan())
+    assert spatial_affinity_loss(holes, x).isnan() and spatial_affinity_loss_reference(holes, x).isnan()
