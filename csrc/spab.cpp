@@ -127,11 +127,13 @@ int vector_width(const std::string& isa) {
   return Scalar::width;
 }
 
-// Strips of at most 128 columns keep a thread's rings (~11 rows of C x 136 floats) in L2;
-// bands give every thread about two items, at least 8 rows each.
+// A thread's scratch (14 rows of C x row_length floats) should stay within ~384 KiB of L2:
+// strips of at most 256 columns at C = 26, ~128 at C = 52. Bands give every thread about two
+// items, at least 8 rows each.
 Tiling make_tiling(const Problem& pb, int threads, int vw, int strip_width, int band_height) {
   Tiling t;
-  t.strips = (pb.W + (strip_width > 0 ? strip_width : 128) - 1) / (strip_width > 0 ? strip_width : 128);
+  if (strip_width <= 0) strip_width = std::clamp(98304 / (14 * pb.C) - 8, 32, 256);
+  t.strips = (pb.W + strip_width - 1) / strip_width;
   t.strip_width = (pb.W + t.strips - 1) / t.strips;
   if (band_height <= 0) {
     const int64_t per_band = int64_t(pb.B) * t.strips;

@@ -270,7 +270,8 @@ void run_item(const Problem& pb, const Tiling& tl, Scratch& s, int n, int r0, in
 void run(const Problem& pb, const Tiling& tl, int threads) {
   const int64_t items = int64_t(pb.B) * tl.bands * tl.strips;
   std::atomic<int64_t> next{0};
-  parallel_for(threads, threads, [&](int64_t, int64_t) {
+  const int workers = int(std::min<int64_t>(threads, items));
+  parallel_for(workers, workers, [&](int64_t, int64_t) {
     Scratch s(pb.C, tl.row_length);
     for (int64_t i; (i = next.fetch_add(1)) < items;) {
       const int strip = int(i % tl.strips), band = int(i / tl.strips % tl.bands);
