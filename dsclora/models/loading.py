@@ -2,6 +2,9 @@
 import dataclasses
 import json
 import math
+import pickle
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +62,29 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, or a pickle that wants to run code
-        raise CheckpointError(f"{path}: cannot be read as a weights-only checkpoint: {exc}") from exc
+        raise CheckpointError(f"{path}: {_unreadable(path, exc)}") from exc
     return unwrap_state_dict(obj, str(path)), metadata
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why ``path`` could not be read, in one line (instead of torch's advice to load it unsafely)."""
+    found = re.search(r"GLOBAL [\w.]+", str(exc))
+    if isinstance(exc, pickle.UnpicklingError) and found:
+        return (f"refused: it holds pickled Python objects, not only tensors ({found.group()}); loading it "
+                "could run code. Re-save the state dict alone (torch.save(model.state_dict(), ...)) or as "
+                ".safetensors")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head:
+        return "empty file"
+    if path.suffix != ".safetensors":
+        if head == b"PK" and not zipfile.is_zipfile(path):
+            return "truncated or corrupt torch.save archive (its zip directory is missing)"
+        if head != b"PK" and head[0] != 0x80:  # torch.save writes a zip archive, or a pickle (legacy)
+            return "not a torch.save file (neither a zip archive nor a pickle)"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = next((line for line in lines if "weights_only" not in line and "torch.load" not in line), "")
+    return f"cannot be read as a weights-only checkpoint: {type(exc).__name__}: {detail}"
 
 
 def unwrap_state_dict(obj, source: str = "state dict") -> dict[str, torch.Tensor]:
@@ -146,7 +170,10 @@ def check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
     ]
     if problems:
         raise CheckpointError(f"{source}: does not match SPAN: " + "; ".join(problems))
-    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    not_float = sorted(f"{k} ({v.dtype})" for k, v in state.items() if not v.is_floating_point())
+    if not_float:
+        raise CheckpointError(f"{source}: weights must be floating point: {', '.join(not_float)}")
+    bad = sorted(k for k, v in state.items() if not torch.isfinite(v).all())
     if bad:
         raise CheckpointError(f"{source}: non-finite values in {', '.join(bad)}")
 
