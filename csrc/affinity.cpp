@@ -70,15 +70,17 @@ Image<T> image(const Problem& p, int64_t b) {
                   p.cs, p.ct, p.ld, p.n, static_cast<T>(p.tie_bound)};
 }
 
-// D_ij in float64 from the raw features: products of floats are exact in double.
+// D_ij in float64 from the raw features and inverse norms. S and T go through identical
+// operations (scaled operands, FMA chain, one subtraction), so identical features give exactly 0.
 template <typename T>
 double exact_difference(const Image<T>& im, int64_t i, int64_t j) {
-  double s = 0, t = 0;
-  for (int64_t c = 0; c < im.cs; ++c) s += double(im.fs[c * im.n + i]) * double(im.fs[c * im.n + j]);
-  for (int64_t c = 0; c < im.ct; ++c) t += double(im.ft[c * im.n + i]) * double(im.ft[c * im.n + j]);
-  return s * im.rs[i] * im.rs[j] - t * im.rt[i] * im.rt[j];
+  auto affinity = [&](const T* f, const double* r, int64_t channels) {
+    double sum = 0;
+    for (int64_t c = 0; c < channels; ++c) sum += (f[c * im.n + i] * r[i]) * (f[c * im.n + j] * r[j]);
+    return sum;
+  };
+  return affinity(im.fs, im.rs, im.cs) - affinity(im.ft, im.rt, im.ct);
 }
-
 
 namespace generic {
 constexpr int kVectorBytes = 16, kTileColumns = 6, kTileChannels = 6;

@@ -43,7 +43,7 @@ def spatial_affinity_loss(
     if p == 2:
         dtype = _compute_dtype(f_student, f_teacher)
         loss = squared_affinity_loss(f_student, f_teacher, reduction=reduction, eps=eps, dtype=dtype)
-        return loss.to(torch.result_type(f_student, f_teacher))
+        return loss.to(torch.promote_types(f_student.dtype, f_teacher.dtype))
     grad = torch.is_grad_enabled()
     loss, _, _ = spatial_affinity_l1(
         f_student, f_teacher, reduction, eps, precision, grad and f_student.requires_grad, grad and f_teacher.requires_grad
@@ -121,7 +121,9 @@ def _normalise_backward(g, prepared: _Normalised, eps: float, factor: float) -> 
     n = prepared.norm.shape[-1]
     g, xhat, norm = g[..., :n], prepared.xhat[..., :n], prepared.norm
     out = g * (factor / (norm + eps)).to(g.dtype)
-    radial = torch.linalg.vecdot(xhat, g, dim=1).unsqueeze(1) * (factor / norm.clamp_min(1e-300)).to(g.dtype)
+    # (x̂ᵀg)·factor/‖F‖, 0 at zero pixels (where x̂ = 0), formed in float64 (B, 1, N)
+    per_norm = torch.where(norm > 0, factor / norm, 0.0)
+    radial = (torch.linalg.vecdot(xhat, g, dim=1).unsqueeze(1) * per_norm).to(g.dtype)
     return out.addcmul_(xhat, radial, value=-1)
 
 

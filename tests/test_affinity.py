@@ -1,0 +1,293 @@
+"""The fused spatial-affinity loss against its materialising float64 reference (SPEC §4).
+
+Both kernels run here: the C++ one (backend "cpp") and the Triton one, interpreted on CPU tensors
+(backend "triton"; conftest sets TRITON_INTERPRET=1 without CUDA, so N stays ≤ 1024 pixels).
+"""
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+import dsclora
+from dsclora_kernels import _extension, spatial_affinity_loss, spatial_affinity_loss_reference, use_backend
+from dsclora_kernels import affinity
+
+LOSS_TOL, GRAD_TOL = 1e-5, 1e-4  # relative loss error, relative L2 error of each gradient
+BACKENDS = ["cpp", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "cpp" and _extension.load("affinity") is None:
+        pytest.skip(_extension.status("affinity"))
+    if request.param == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    return request.param
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def loss_and_grads(fn, f_student, f_teacher, **kwargs):
+    """fn(f_student, f_teacher, **kwargs) and its gradients w.r.t. the inputs that require them."""
+    loss = fn(f_student, f_teacher, **kwargs)
+    inputs = [f for f in (f_student, f_teacher) if f.requires_grad]
+    return loss, torch.autograd.grad(loss, inputs) if inputs else ()
+
+
+def assert_matches_reference(backend, f_student, f_teacher, grad_tol=GRAD_TOL, **kwargs):
+    """The fused op on ``backend`` agrees with the float64 reference on the same values."""
+    with use_backend(backend):
+        loss, grads = loss_and_grads(spatial_affinity_loss, f_student, f_teacher, **kwargs)
+    as64 = [f.detach().double().requires_grad_(f.requires_grad) for f in (f_student, f_teacher)]
+    expected, expected_grads = loss_and_grads(spatial_affinity_loss_reference, *as64, **kwargs)
+    assert loss.dtype == torch.result_type(f_student, f_teacher)
+    assert abs(loss.item() - expected.item()) <= LOSS_TOL * abs(expected.item()), (loss.item(), expected.item())
+    for grad, expected_grad, f in zip(grads, expected_grads, [f for f in (f_student, f_teacher) if f.requires_grad]):
+        assert grad.shape == f.shape and grad.dtype == f.dtype
+        assert relative(grad, expected_grad) <= grad_tol
+
+
+def features(batch, cs, ct, h, w, dtype=torch.float32, teacher_grad=True, zero_pixels=True):
+    """Random student and teacher maps; the teacher is rectified, so a few channel vectors are 0."""
+    student = torch.randn(batch, cs, h, w, dtype=dtype, requires_grad=True)
+    teacher = torch.randn(batch, ct, h, w, dtype=dtype)
+    if zero_pixels:
+        teacher.relu_()
+    return student, teacher.requires_grad_(teacher_grad)
+
+
+# (B, Cs, Ct, H, W): odd sizes, Cs ≠ Ct, B > 1, several row blocks with a ragged last one,
+# few channels (padded to 16 in Triton), more than 32 channels, a 1-pixel-high image.
+SHAPES = [(2, 26, 28, 5, 7), (1, 26, 28, 17, 19), (3, 4, 7, 8, 8), (1, 40, 3, 1, 17)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(backend, shape):
+    assert_matches_reference(backend, *features(*shape))
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_sum_reduction(backend, p):
+    assert_matches_reference(backend, *features(2, 26, 28, 6, 5), reduction="sum", p=p)
+
+
+def test_several_row_blocks_and_ragged_edge(backend):
+    assert_matches_reference(backend, *features(1, 26, 28, 33, 31, teacher_grad=False))  # N = 1023
+
+
+def test_non_contiguous_and_half_inputs(backend):
+    student = torch.randn(2, 26, 9, 7).to(memory_format=torch.channels_last).requires_grad_()
+    teacher = torch.randn(2, 28, 18, 15)[:, :, ::2, 1::2].requires_grad_()
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    assert_matches_reference(backend, student, teacher)
+    # float16 / bfloat16 inputs are computed in float32; only the returned gradients are rounded
+    student = torch.randn(1, 26, 6, 7, dtype=torch.float16, requires_grad=True)
+    teacher = torch.randn(1, 28, 6, 7, dtype=torch.bfloat16, requires_grad=True)
+    assert_matches_reference(backend, student, teacher, grad_tol=1e-2)
+
+
+def test_teacher_without_gradient_is_not_computed(backend):
+    student, teacher = features(2, 26, 28, 5, 6, teacher_grad=False)
+    assert_matches_reference(backend, student, teacher)
+    with use_backend(backend):
+        loss, grad_s, grad_t = torch.ops.dsclora.spatial_affinity_l1(student, teacher, "mean", 1e-8, "ieee", True, False)
+    assert grad_s.shape == student.shape and grad_t.numel() == 0
+
+
+def test_forward_without_gradients(backend):
+    """Under no_grad only the upper triangle of tiles is visited (D is symmetric)."""
+    student, teacher = features(2, 26, 28, 11, 9)
+    expected = spatial_affinity_loss_reference(student.double(), teacher.double())
+    with torch.no_grad(), use_backend(backend):
+        loss = spatial_affinity_loss(student, teacher)
+    assert abs(loss.item() - expected.item()) <= LOSS_TOL * expected.item()
+
+
+def test_backward_scales_by_grad_output(backend):
+    student, teacher = features(1, 5, 6, 4, 5)
+    with use_backend(backend):
+        (grad,) = torch.autograd.grad(spatial_affinity_loss(student, teacher.detach()), student)
+        (grad3,) = torch.autograd.grad(-3 * spatial_affinity_loss(student, teacher.detach()), student)
+    torch.testing.assert_close(grad3, -3 * grad)
+
+
+def test_single_pixel(backend):
+    """N = 1: the only entry is the diagonal, |A_S − A_T| ≈ 0 (both ≈ 1); gradients ≈ 0."""
+    student, teacher = features(3, 26, 28, 1, 1)
+    with use_backend(backend):
+        loss, grads = loss_and_grads(spatial_affinity_loss, student, teacher)
+    assert abs(loss.item()) < 1e-6
+    assert all(g.abs().max() < 1e-6 for g in grads)
+
+
+def test_identical_features_are_exact_ties(backend):
+    """Student = teacher: D = 0 exactly, so the loss and (sign(0) = 0) the gradients are 0."""
+    student = torch.randn(2, 8, 7, 9, requires_grad=True)
+    teacher = student.detach().clone().requires_grad_()
+    with use_backend(backend):
+        loss, grads = loss_and_grads(spatial_affinity_loss, student, teacher)
+    assert loss.item() == 0 and all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def gradcheck(p: int) -> None:
+    for shape in [(2, 3, 4, 3, 2), (1, 2, 3, 1, 1)]:
+        # no zero pixels: there the gradient is ~1/eps and finite differences are meaningless
+        student, teacher = features(*shape, dtype=torch.float64, zero_pixels=False)
+        assert torch.autograd.gradcheck(lambda s, t: spatial_affinity_loss(s, t, p=p), (student, teacher), fast_mode=True)
+
+
+def test_gradcheck_float64(backend):
+    with use_backend(backend):
+        gradcheck(p=1)
+
+
+def test_gradcheck_float64_squared():
+    gradcheck(p=2)  # plain torch ops: no backend involved
+
+
+def test_opcheck(backend):
+    student, teacher = features(2, 3, 5, 4, 5)
+    with use_backend(backend):
+        for flags in [(True, True), (True, False), (False, False)]:
+            args = [f.detach().requires_grad_(flag) for f, flag in zip((student, teacher), flags)]
+            torch.library.opcheck(torch.ops.dsclora.spatial_affinity_l1.default, (*args, "mean", 1e-8, "ieee", *flags))
+
+
+def test_torch_compile_fullgraph(backend):
+    def distill(f_student, f_teacher):
+        return spatial_affinity_loss(f_student, f_teacher) + 0.5 * spatial_affinity_loss(f_student, f_teacher, p=2)
+
+    student, teacher = features(2, 6, 7, 5, 4, teacher_grad=False)
+    torch._dynamo.reset()
+    with use_backend(backend):
+        compiled, compiled_grads = loss_and_grads(torch.compile(distill, fullgraph=True), student, teacher)
+        eager, eager_grads = loss_and_grads(distill, student, teacher)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grads, eager_grads)
+
+
+def largest_allocation(fn) -> int:
+    """The most bytes any single torch op allocated while fn() ran (the CPU allocator's view,
+    including ops inside custom ops)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(event.self_cpu_memory_usage for event in prof.events())
+
+
+@pytest.mark.parametrize("case", ["fused", "reference"])
+def test_never_allocates_n_squared(backend, case):
+    """No N²-sized buffer in forward + backward; the materialising path, as a control, has one.
+    The C++ kernel's own scratch is a fixed 128 x 64 tile per thread; the Triton kernel's tiles
+    live in registers (under the interpreter, in numpy)."""
+    side = 64 if backend == "cpp" and case == "fused" else 32  # N ≫ C: O(C·N) buffers are ≪ N²
+    student, teacher = features(1, 26, 28, side, side)
+    n_squared_floats = 4 * side**4
+    with use_backend(backend if case == "fused" else "reference"):
+        largest = largest_allocation(lambda: loss_and_grads(spatial_affinity_loss, student, teacher))
+    if case == "fused":
+        assert largest < n_squared_floats // 4
+    else:
+        assert largest >= n_squared_floats
+
+
+def test_instruction_sets_agree():
+    """Every SIMD path of the C++ kernel this CPU runs matches the materialising pass."""
+    module = _extension.load("affinity")
+    if module is None:
+        pytest.skip(_extension.status("affinity"))
+    for dtype in (torch.float32, torch.float64):
+        student, teacher = features(2, 26, 28, 9, 13, dtype=dtype)
+        prepared = [affinity._normalise(f.detach(), 1e-8, dtype, module.ROW_BLOCK) for f in (student, teacher)]
+        unpadded = [affinity._normalise(f.detach(), 1e-8, dtype, 1) for f in (student, teacher)]
+        total, gs, gt = affinity._pass_reference(*unpadded, True, True, "ieee", 1e-8)
+        n = student.shape[2] * student.shape[3]
+        for isa in module.supported_isas():
+            got_total, got_gs, got_gt = affinity._pass_cpp(*prepared, True, True, "ieee", 1e-8, isa=isa)
+            assert abs(got_total.item() - total.item()) <= 1e-6 * total.item(), isa
+            assert relative(got_gs[..., :n], gs) <= 1e-6 and relative(got_gt[..., :n], gt) <= 1e-6, isa
+            assert torch.count_nonzero(got_gs[..., n:]) == 0, isa  # padding pixels get no gradient
+
+
+def test_result_independent_of_thread_count():
+    if _extension.load("affinity") is None:
+        pytest.skip(_extension.status("affinity"))
+    student, teacher = features(2, 26, 28, 20, 20)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            with use_backend("cpp"):
+                results.append(loss_and_grads(spatial_affinity_loss, student, teacher))
+    finally:
+        torch.set_num_threads(threads)
+    (loss1, grads1), (loss3, grads3) = results
+    assert loss1.item() == loss3.item()
+    assert all(torch.equal(a, b) for a, b in zip(grads1, grads3))
+
+
+def test_squared_variant_when_student_close_to_teacher():
+    """p = 2 through Gram matrices stays accurate where a plain trace form cancels: student =
+    rotated teacher channels (+ noise), and Cs ≠ Ct."""
+    teacher = torch.randn(2, 28, 12, 12).relu().requires_grad_()
+    rotation = torch.linalg.qr(torch.randn(28, 28))[0]
+    student = (torch.einsum("dc,bchw->bdhw", rotation, teacher.detach()) + 1e-3 * torch.randn(2, 28, 12, 12))
+    assert_matches_reference("cpp", student.requires_grad_(), teacher, p=2)
+    student = teacher.detach()[:, :26] + 1e-3 * torch.randn(2, 26, 12, 12)
+    assert_matches_reference("cpp", student.requires_grad_(), teacher, p=2)
+
+
+def test_bad_arguments_are_named():
+    student, teacher = features(1, 4, 5, 6, 7)
+    with pytest.raises(ValueError, match=r"\(1, 4, 6, 7\).*\(1, 5, 6, 8\)"):
+        spatial_affinity_loss(student, torch.randn(1, 5, 6, 8))
+    with pytest.raises(ValueError, match="f_teacher"):
+        spatial_affinity_loss(student, torch.randn(5, 6, 7))
+    with pytest.raises(ValueError, match="p must be"):
+        spatial_affinity_loss(student, teacher, p=3)
+    with pytest.raises(ValueError, match="reduction"):
+        spatial_affinity_loss(student, teacher, reduction="max")
+    with pytest.raises(ValueError, match="precision"):
+        spatial_affinity_loss(student, teacher, precision="fp16")
+
+
+# --- real features: SPAN-Tiny (26 channels) vs SPAN (28 channels) on a Set5 crop -------------
+
+
+@pytest.fixture(scope="module")
+def span_features(shared):
+    """The six block outputs of both networks on a 32 x 32 crop of Set5 'baby' (N = 1024)."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(shared / "data" / "Set5" / "baby.png").convert("RGB"))[100:132, 200:232]
+    image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255
+    result = []
+    for name in ("spantiny_ch26_x4_ntire24.pth", "span_ch28_x4_ntire24.pth"):
+        model = dsclora.load_model(shared / "weights" / name).eval()
+        with torch.no_grad():
+            result.append(model(image, return_features=True)[1])
+    return result
+
+
+def test_real_features(backend, span_features):
+    """Both networks' features agree closely (many near-ties in S − T); signs must still be exact.
+    The interpreted Triton kernel checks the last block on a 24 x 24 corner (time)."""
+    student, teacher = span_features
+    layers = range(6) if backend == "cpp" else [5]
+    for layer in layers:
+        f_s, f_t = student[layer], teacher[layer]
+        if backend == "triton":
+            f_s, f_t = f_s[..., :24, :24], f_t[..., :24, :24]
+        assert_matches_reference(backend, f_s.clone().requires_grad_(), f_t.clone().requires_grad_())
+
+
+def test_real_features_student_close_to_teacher(backend, span_features):
+    """The hard case for sign ties: a student within 1 % of the teacher's own features."""
+    teacher = span_features[1][2]
+    if backend == "triton":
+        teacher = teacher[..., :24, :24]
+    student = teacher + 1e-2 * teacher.std() * torch.randn_like(teacher)
+    assert_matches_reference(backend, student.requires_grad_(), teacher.clone().requires_grad_())
