@@ -291,6 +291,18 @@ def test_fused_span_trains_like_unfused():
     assert relative_l2(ours, expected) <= 1e-4
 
 
+def test_fused_span_under_autocast():
+    """Autocast hands the blocks bf16 features with fp32 weights: the fused path casts them."""
+    model = SPAN(26, upscale=2, form="eval").eval()
+    lr = torch.rand(1, 3, 6, 7)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(lr)
+        with use_backend("triton"):
+            ours = model.use_fused_blocks()(lr)
+    assert ours.dtype == expected.dtype == torch.bfloat16
+    assert (ours.float() - expected.float()).abs().max() <= 0.05 * expected.float().abs().max()
+
+
 # ---- CUDA (the lent GPU machine; skipped elsewhere) ----
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

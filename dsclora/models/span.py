@@ -28,9 +28,9 @@ class SPAB(nn.Module):
         if self.fused:
             import dsclora_kernels  # lazily: the kernels package is only needed here
 
-            return dsclora_kernels.spab(
-                x, *self.c1_r.weight_and_bias(), *self.c2_r.weight_and_bias(), *self.c3_r.weight_and_bias()
-            )
+            weights = [*self.c1_r.weight_and_bias(), *self.c2_r.weight_and_bias(), *self.c3_r.weight_and_bias()]
+            # in x's dtype, as autocast would cast them for F.conv2d (a no-op otherwise)
+            return dsclora_kernels.spab(x, *(t.to(x.dtype) for t in weights))
         h1 = F.silu(self.c1_r(x))
         h2 = F.silu(self.c2_r(h1))
         o3 = self.c3_r(h2)
