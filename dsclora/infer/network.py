@@ -25,8 +25,15 @@ class FusedSpan:
 
     @torch.no_grad()  # not inference_mode: callers get ordinary tensors they may modify
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.merged
         x = x.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+        cat = self._conv_cat(x)  # the block features are freed before the upsampler runs
+        y = F.conv2d(cat.contiguous(memory_format=self.memory_format), *self.merged.upsampler, padding=1)
+        del cat
+        return pixel_shuffle(y, self.scale)
+
+    def _conv_cat(self, x: torch.Tensor) -> torch.Tensor:
+        """conv_cat(cat([F0, conv_2(F6), F1, G6])), (B, Cc, H, W) channels_last."""
+        m = self.merged
         f0 = add_border_correction(F.conv2d(x, *m.conv_1, padding=1), m.conv_1_border)
         h = f0
         for i, weights in enumerate(m.blocks):
@@ -37,9 +44,7 @@ class FusedSpan:
         for feature, weight in zip((f0, f1, h1), m.cat_rest):
             rows.addmm_(_pixels(feature), weight)
         b, _, height, width = x.shape
-        cat = rows.view(b, height, width, -1).permute(0, 3, 1, 2)  # (B, Cc, H, W) channels_last
-        y = F.conv2d(cat.contiguous(memory_format=self.memory_format), *m.upsampler, padding=1)
-        return pixel_shuffle(y, self.scale)
+        return rows.view(b, height, width, -1).permute(0, 3, 1, 2)
 
 
 def pixel_shuffle(y: torch.Tensor, s: int) -> torch.Tensor:
