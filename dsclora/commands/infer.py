@@ -5,8 +5,6 @@ PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 def add_arguments(parser) -> None:
-    from dsclora.infer.upscaler import DEFAULT_TILE_PAD
-
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created if needed)")
     parser.add_argument("--weights", metavar="W",
@@ -18,9 +16,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tile", type=int, default=0, metavar="N",
                         help="run in NxN-pixel tiles of the input (0: whole images; on GPU "
                              "out-of-memory the tile is halved automatically)")
-    parser.add_argument("--tile-pad", type=int, default=DEFAULT_TILE_PAD, metavar="P",
-                        help=f"context around each tile in input pixels (>= 21 gives exactly the "
-                             f"untiled output; default {DEFAULT_TILE_PAD})")
+    parser.add_argument("--tile-pad", type=int, metavar="P",
+                        help="context around each tile in input pixels (>= 21, SPAN's receptive "
+                             "radius, gives exactly the untiled output; default: a few pixels more)")
     group = parser.add_mutually_exclusive_group()
     for flag, name in PRECISIONS.items():
         group.add_argument(f"--{flag}", dest="precision", action="store_const", const=flag,
@@ -40,7 +38,7 @@ def run(args) -> int:
     from dsclora.infer.batch import expand_inputs, output_paths, upscale_files
     from dsclora.models import CheckpointError
 
-    if args.tile < 0 or args.tile_pad < 0:
+    if args.tile < 0 or (args.tile_pad is not None and args.tile_pad < 0):
         print("dsclora infer: --tile and --tile-pad must be >= 0", file=sys.stderr)
         return 2
     files, missing = expand_inputs(args.inputs)
@@ -64,7 +62,9 @@ def run(args) -> int:
     except (DownloadError, CheckpointError, RuntimeError) as exc:
         print(f"dsclora infer: {exc}", file=sys.stderr)
         return 2
-    upscaler.tile, upscaler.tile_pad = args.tile or None, args.tile_pad
+    upscaler.tile = args.tile or None
+    if args.tile_pad is not None:
+        upscaler.tile_pad = args.tile_pad
     failures = dict(missing)
     failures.update(upscale_files(upscaler, targets, args.scale))
     done = len(targets) - (len(failures) - len(missing))
