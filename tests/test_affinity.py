@@ -106,6 +106,15 @@ def test_forward_without_gradients(backend):
     assert abs(loss.item() - expected.item()) <= LOSS_TOL * expected.item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inputs_are_not_modified(backend, dtype):
+    student, teacher = features(2, 5, 6, 4, 3, dtype=dtype)
+    before = student.detach().clone(), teacher.detach().clone()
+    with use_backend(backend):
+        loss_and_grads(spatial_affinity_loss, student, teacher)
+    assert torch.equal(student, before[0]) and torch.equal(teacher, before[1])
+
+
 def test_backward_scales_by_grad_output(backend):
     student, teacher = features(1, 5, 6, 4, 5)
     with use_backend(backend):

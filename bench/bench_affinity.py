@@ -1,0 +1,167 @@
+"""Spatial-affinity loss, forward + backward: naive (materialising) vs fused, time and peak memory.
+
+    python bench/bench_affinity.py                 # CUDA if available, else CPU
+    python bench/bench_affinity.py --device cpu --sizes 32 64
+
+Student (B, 26, H, W) with gradient, teacher (B, 28, H, W) without (the training setting);
+B = 8 on the GPU, 2 on the CPU. The naive baseline is ``spatial_affinity_loss_reference``
+(torch autograd on the (B, N, N) matrices); it is skipped where its N² buffers cannot fit.
+
+Peak memory is the extra over the inputs:
+- CPU: growth of the process's peak resident set (ru_maxrss) during one fwd + bwd, each
+  measurement in a fresh subprocess after a tiny warm-up, so it counts every byte touched
+  (torch tensors, C++ scratch, allocator slack);
+- GPU: torch.cuda.max_memory_allocated() during fwd + bwd minus the inputs.
+Times are the best of a few repetitions, baseline and fused measured in the same run. On the GPU,
+achieved TFLOP/s counts 2·B·N²·(Cs + Ct + Cs) (D = S − T and the student gradient) against the
+peak of the ``tl.dot`` precision (H100/H200 SXM datasheet: fp32 FMA 67, TF32 495 TFLOP/s dense;
+3xTF32 ≈ 495 / 3).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from dsclora_kernels import spatial_affinity_loss, spatial_affinity_loss_reference
+
+CS, CT = 26, 28
+CPU_NAIVE_LIMIT = 4 << 30  # skip the CPU baseline above this much N² memory
+PEAK_TFLOPS = {"ieee": 67.0, "tf32x3": 495.0 / 3, "tf32": 495.0}
+
+
+def inputs(batch: int, side: int, device: str, seed: int = 0):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    student = torch.randn(batch, CS, side, side, generator=generator).to(device).requires_grad_()
+    teacher = torch.randn(batch, CT, side, side, generator=generator).to(device)
+    return student, teacher
+
+
+def step(method: str, student, teacher, precision: str = "ieee") -> None:
+    student.grad = None
+    if method == "naive":
+        loss = spatial_affinity_loss_reference(student, teacher)
+    else:
+        loss = spatial_affinity_loss(student, teacher, precision=precision)
+    loss.backward()
+
+
+def naive_bytes(batch: int, side: int) -> int:
+    """Rough N² memory of the naive fwd + bwd: about six float32 (B, N, N) buffers."""
+    return 6 * 4 * batch * side**4
+
+
+def megabytes(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+# --- CPU: one measurement per fresh subprocess -----------------------------------------------
+
+
+def cpu_worker(method: str, batch: int, side: int, reps: int) -> dict:
+    step(method, *inputs(1, 4, "cpu"))  # load the extension, warm torch up
+    student, teacher = inputs(batch, side, "cpu")
+    def timed() -> float:
+        start = time.perf_counter()
+        step(method, student, teacher)
+        return time.perf_counter() - start
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = [timed()]
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    times += [timed() for _ in range(reps - 1)]
+    return {"ms": 1e3 * min(times), "extra_bytes": 1024 * peak_kib}
+
+
+def cpu_measure(method: str, batch: int, side: int, reps: int) -> dict:
+    command = [sys.executable, __file__, "--worker", method, "--batch", str(batch), "--sizes", str(side),
+               "--reps", str(reps), "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def cpu_table(batch: int, sizes: list[int]) -> None:
+    print(f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; "
+          f"B={batch}, Cs={CS}, Ct={CT}; extra memory = peak RSS growth (fresh subprocess)")
+    print(f"{'H=W':>5} {'N':>7} {'inputs MiB':>10} | {'naive ms':>9} {'naive MiB':>10} | "
+          f"{'ours ms':>9} {'ours MiB':>9} | {'speed-up':>8}")
+    for side in sizes:
+        reps = 3 if side <= 64 else 1
+        input_bytes = 4 * batch * (CS + CT) * side * side
+        naive = None if naive_bytes(batch, side) > CPU_NAIVE_LIMIT else cpu_measure("naive", batch, side, reps)
+        ours = cpu_measure("ours", batch, side, reps)
+        naive_cols = f"{naive['ms']:>9.1f} {megabytes(naive['extra_bytes']):>10}" if naive else f"{'skipped (N² > 4 GiB)':>20}"
+        ratio = f"{naive['ms'] / ours['ms']:>7.1f}x" if naive else f"{'-':>8}"
+        print(f"{side:>5} {side * side:>7} {megabytes(input_bytes):>10} | {naive_cols} | "
+              f"{ours['ms']:>9.1f} {megabytes(ours['extra_bytes']):>9} | {ratio}", flush=True)
+
+
+# --- GPU: CUDA events, allocator statistics ---------------------------------------------------
+
+
+def gpu_measure(method: str, batch: int, side: int, precision: str = "ieee", reps: int = 5):
+    try:
+        student, teacher = inputs(batch, side, "cuda")
+        step(method, student, teacher, precision)  # warm-up (and autotuning)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(method, student, teacher, precision)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return {"ms": min(times), "extra_bytes": torch.cuda.max_memory_allocated() - base}
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        torch.cuda.empty_cache()
+
+
+def gpu_table(batch: int, sizes: list[int]) -> None:
+    print(f"GPU {torch.cuda.get_device_name()}; B={batch}, Cs={CS}, Ct={CT}; "
+          "extra memory = max_memory_allocated - inputs")
+    print(f"{'H=W':>5} {'N':>7} {'precision':>9} | {'naive ms':>9} {'naive MiB':>10} | {'ours ms':>8} "
+          f"{'ours MiB':>9} | {'speed-up':>8} | {'TFLOP/s':>7} {'of peak':>7}")
+    for side in sizes:
+        naive = gpu_measure("naive", batch, side)
+        naive_cols = f"{naive['ms']:>9.2f} {megabytes(naive['extra_bytes']):>10}" if naive else f"{'OOM':>20}"
+        for precision in PEAK_TFLOPS:
+            ours = gpu_measure("ours", batch, side, precision)
+            n = side * side
+            tflops = 2 * batch * n * n * (CS + CT + CS) / (ours["ms"] * 1e-3) / 1e12
+            ratio = f"{naive['ms'] / ours['ms']:>7.1f}x" if naive else f"{'-':>8}"
+            print(f"{side:>5} {n:>7} {precision:>9} | {naive_cols} | {ours['ms']:>8.2f} "
+                  f"{megabytes(ours['extra_bytes']):>9} | {ratio} | {tflops:>7.1f} {tflops / PEAK_TFLOPS[precision]:>6.0%}",
+                  flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--batch", type=int, default=None, help="default 8 on the GPU, 2 on the CPU")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--worker", choices=("naive", "ours"), help=argparse.SUPPRESS)
+    parser.add_argument("--reps", type=int, default=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    batch = args.batch or (8 if args.device == "cuda" else 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(cpu_worker(args.worker, batch, args.sizes[0], args.reps)))
+    elif args.device == "cuda":
+        gpu_table(batch, args.sizes)
+    else:
+        cpu_table(batch, args.sizes)
+
+
+if __name__ == "__main__":
+    main()
