@@ -53,24 +53,27 @@ SPAB_TARGET void conv_tile(const float* const* in, int64_t L, int C, const float
   }
 }
 
-// The last nw < NW pixel vectors of a row.
+// A tile of nw <= NW pixel vectors.
 template <int CB, int NW>
-SPAB_TARGET void conv_tile_tail(int nw, const float* const* in, int64_t L, int C, const float* wp,
-                                const float* bias, int co0, int x0, float* out) {
+SPAB_TARGET void conv_tile_n(int nw, const float* const* in, int64_t L, int C, const float* wp,
+                             const float* bias, int co0, int x0, float* out) {
   if constexpr (NW > 1) {
-    if (nw < NW) return conv_tile_tail<CB, NW - 1>(nw, in, L, C, wp, bias, co0, x0, out);
+    if (nw < NW) return conv_tile_n<CB, NW - 1>(nw, in, L, C, wp, bias, co0, x0, out);
   }
   conv_tile<CB, NW>(in, L, C, wp, bias, co0, x0, out);
 }
 
+// All nvec pixel vectors of a row in the fewest tiles, of balanced sizes (33 vectors with
+// NW = 4: six tiles of 4 and three of 3, not eight of 4 and an inefficient one of 1).
 template <int CB>
 SPAB_TARGET void conv_block_row(const float* const* in, int64_t L, int C, const float* wp,
                                 const float* bias, int co0, int x0, int nvec, float* out) {
   constexpr int NW = V::acc_regs / CB;
-  int j = 0;
-  for (; j + NW <= nvec; j += NW) conv_tile<CB, NW>(in, L, C, wp, bias, co0, x0 + j * VW, out);
-  if constexpr (NW > 1) {
-    if (j < nvec) conv_tile_tail<CB, NW - 1>(nvec - j, in, L, C, wp, bias, co0, x0 + j * VW, out);
+  const int tiles = (nvec + NW - 1) / NW, base = nvec / tiles, larger = nvec % tiles;
+  for (int t = 0, j = 0; t < tiles; ++t) {
+    const int nw = base + (t < larger);
+    conv_tile_n<CB, NW>(nw, in, L, C, wp, bias, co0, x0 + j * VW, out);
+    j += nw;
   }
 }
 
