@@ -27,4 +27,33 @@ if want spab; then
 fi
 # ==== end spab =================================================================================
 
+# ==== sanitizer: compute-sanitizer memcheck + racecheck on the fused kernels (small sizes) =======
+# PYTORCH_NO_CUDA_MEMORY_CACHING=1: every tensor is its own allocation, so memcheck sees an access
+# past a tensor's end instead of landing in the caching allocator's pool.
+if want sanitizer; then
+  SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+  if [ ! -x "$SANITIZER" ]; then
+    echo "== sanitizer: SKIPPED: compute-sanitizer not found (install the CUDA toolkit or put it on PATH) =="
+  else
+    for tool in memcheck racecheck; do
+      for subset in "tests/test_spab.py::-k cuda_forward_matches_reference and shape0 or cuda_gradients" \
+                    "tests/test_affinity.py::-k cuda" \
+                    "tests/test_properties.py::-k triton"; do
+        file="${subset%%::*}"; selection="${subset#*::-k }"
+        echo "== sanitizer: $tool: $file -k '$selection' =="
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 600 "$SANITIZER" --tool "$tool" --error-exitcode 99 \
+          --print-limit 20 python -m pytest -q -p no:cacheprovider "$file" -k "$selection"
+        code=$?
+        case $code in
+          0) ;;
+          5) echo "   (no CUDA test selected in $file)" ;;
+          99) echo "   $tool REPORTED ERRORS in $file"; status=1 ;;
+          *) echo "   $file failed under $tool (exit $code)"; status=1 ;;
+        esac
+      done
+    done
+  fi
+fi
+# ==== end sanitizer ============================================================================
+
 exit $status
