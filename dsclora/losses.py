@@ -27,6 +27,11 @@ def _affinity_op():
         return spatial_affinity_loss_reference
 
 
+def _full_precision(t: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 (autocast) -> float32; float32/float64 unchanged."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def affinity_distillation(features_s: list[torch.Tensor], features_t: list[torch.Tensor]) -> torch.Tensor:
     """Σ_l mean|A_S^l − A_T^l| over paired feature maps (B, C_s, H, W) / (B, C_t, H, W)."""
     if len(features_s) != len(features_t):
@@ -37,8 +42,8 @@ def affinity_distillation(features_s: list[torch.Tensor], features_t: list[torch
         if f_s.shape[0] != f_t.shape[0] or f_s.shape[2:] != f_t.shape[2:]:
             raise ValueError(f"feature map F{layer}: student {tuple(f_s.shape)} and teacher "
                              f"{tuple(f_t.shape)} differ in batch or spatial size")
-        # The loss is computed in float32 even under bf16 autocast (sign flips otherwise).
-        terms.append(op(f_s.float(), f_t.detach().float()))
+        # Computed in at least float32 even under bf16 autocast (sign flips otherwise).
+        terms.append(op(_full_precision(f_s), _full_precision(f_t.detach())))
     return torch.stack(terms).sum()
 
 
@@ -65,15 +70,15 @@ class DSCLoRALoss(nn.Module):
         return self.weights["ts"] > 0 or self.weights["ad"] > 0
 
     def forward(self, sr_s, hr, sr_t=None, features_s=None, features_t=None):
-        sr_s = sr_s.float()
+        sr_s = _full_precision(sr_s)
         pixel = F.l1_loss if self.reconstruction == "l1" else F.mse_loss
         terms = {}
         if self.weights["rec"] > 0:
-            terms["rec"] = pixel(sr_s, hr.float())
+            terms["rec"] = pixel(sr_s, hr.to(sr_s.dtype))
         if self.weights["ts"] > 0:
             if sr_t is None:
                 raise ValueError("the teacher-student term (ts > 0) needs the teacher's output sr_t")
-            terms["ts"] = F.l1_loss(sr_s, sr_t.detach().float())
+            terms["ts"] = F.l1_loss(sr_s, sr_t.detach().to(sr_s.dtype))
         if self.weights["ad"] > 0:
             if features_s is None or features_t is None:
                 raise ValueError("the affinity term (ad > 0) needs student and teacher features")

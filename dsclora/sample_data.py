@@ -30,7 +30,7 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """(h, w) float mask in [0, 1]: oriented stripes or a (rotated) checkerboard."""
     yy, xx = np.mgrid[0:h, 0:w].astype(float)
     angle = rng.uniform(0, np.pi)
-    period = rng.uniform(4, 16)
+    period = rng.uniform(12, 40)
     u = np.cos(angle) * xx + np.sin(angle) * yy
     if rng.random() < 0.5:
         return (np.sin(2 * np.pi * u / period) > 0).astype(float)

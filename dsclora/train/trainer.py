@@ -261,10 +261,12 @@ class Trainer:
 
         config, total = self.config, self.config.total_iterations
         show = self.ctx.is_main and config.progress
-        bar = tqdm(total=total, initial=self.iteration, disable=not show, unit="it", dynamic_ncols=True,
-                   desc="dsclora train")
+        # disable=None: the bar shows on a terminal only; otherwise log lines report progress
+        bar = tqdm(total=total, initial=self.iteration, disable=None if show else True, unit="it",
+                   dynamic_ncols=True, desc="dsclora train")
+        self._log_lines = bar.disable
         try:
-            with logging_redirect_tqdm() if show else contextlib.nullcontext():
+            with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
                 while self.iteration < total:
                     self._run_stage(bar)
                     distributed.barrier(self.ctx)
@@ -308,6 +310,9 @@ class Trainer:
         row = {"iteration": self.iteration, "stage": stage, "lr": lr, **{k: f"{v:.6g}" for k, v in means.items()},
                "skipped": self.skipped, "it_per_s": f"{it_per_s:.3f}"}
         self.train_log.write(row)
+        if self._log_lines:
+            logger.info("dsclora: iteration %d/%d (stage %d): loss %s, %.2f it/s, %d skipped",
+                        self.iteration, self.config.total_iterations, stage, row["loss"], it_per_s, self.skipped)
         self.tensorboard.add_scalars(self.iteration, {f"loss/{k}": v for k, v in means.items()
                                                       if math.isfinite(v)})
 
@@ -350,19 +355,20 @@ class Trainer:
         if not self.ctx.is_main:
             return result
         lora = lora_config(self.student)
-        models = {"bicubic": bicubic_upscaler(self.scale),
-                  "base": self._plain(load_span(self.config.model.base, "base")),
-                  "dsclora": self.deployed_model()}
-        result.exported.update(self._export(models["dsclora"], "", lora))
+        final = self.deployed_model()
+        result.exported.update(self._export(final, "", lora))
+        models = {"dsclora": final}
         best = checkpoint.load(self.ckpt_dir, "best")
         if best is not None:
             tensors, state = best
             best_model = self.deployed_model({n: tensors[f"ema.{n}"] for n in self.params})
             result.exported.update(self._export(best_model, "_best", lora))
             models[f"dsclora best (it {state['iteration']})"] = best_model
-        if self.teacher is not None:
-            models["teacher"] = self.teacher
         if self.val_sets:
+            models = {"bicubic": bicubic_upscaler(self.scale),
+                      "base": self._plain(load_span(self.config.model.base, "base")), **models}
+            if self.teacher is not None:
+                models["teacher"] = self.teacher
             result.results = self._evaluate(models)
             table = markdown_table(result.results, f"Evaluation after {self.iteration} iterations "
                                                    "(PSNR dB / SSIM)")
