@@ -6,7 +6,7 @@
 // The convolution kernels are in spab_kernel.h, compiled once per instruction set (AVX-512,
 // AVX2+FMA, portable scalar) and chosen at run time; the build needs no -march flag.
 // Tensors arrive as raw pointers with element strides (pybind11 only, no torch headers);
-// weights arrive pre-packed as [ci][3][3][co] (dsclora_kernels/spab.py packs and caches them).
+// weights arrive pre-packed by `pack` for the ISA that runs (dsclora_kernels/spab.py caches them).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -32,7 +32,7 @@ struct View {
 };
 
 struct ConvWeights {
-  const float* packed;  // [ci][3][3][co]
+  const float* packed;  // by pack_weights of the ISA that runs
   const float* bias;    // [co]
 };
 
@@ -121,6 +121,14 @@ std::vector<std::string> isas() {
   return out;
 }
 
+std::string resolve_isa(const std::string& isa) {
+  const auto supported = isas();
+  if (isa == "auto") return supported.front();
+  if (std::find(supported.begin(), supported.end(), isa) == supported.end())
+    throw std::invalid_argument("spab: instruction set '" + isa + "' is not supported by this CPU");
+  return isa;
+}
+
 int vector_width(const std::string& isa) {
   if (isa == "avx512") return Avx512::width;
   if (isa == "avx2") return Avx2::width;
@@ -161,14 +169,20 @@ void solve(Problem& pb, const std::array<int64_t, 4>& dims, const std::array<int
   for (int i = 0; i < 3; ++i)
     pb.conv[i] = ConvWeights{reinterpret_cast<const float*>(static_cast<uintptr_t>(weights[2 * i])),
                              reinterpret_cast<const float*>(static_cast<uintptr_t>(weights[2 * i + 1]))};
-  const auto supported = isas();
-  if (isa == "auto") isa = supported.front();
-  if (std::find(supported.begin(), supported.end(), isa) == supported.end())
-    throw std::invalid_argument("spab: instruction set '" + isa + "' is not supported by this CPU");
+  isa = resolve_isa(isa);
   const Tiling tl = make_tiling(pb, threads, vector_width(isa), strip_width, band_height);
   if (isa == "avx512") avx512::run(pb, tl, threads);
   else if (isa == "avx2") avx2::run(pb, tl, threads);
   else scalar::run(pb, tl, threads);
+}
+
+void pack(int64_t C, int64_t w, int64_t packed, const std::string& isa) {
+  const auto* src = reinterpret_cast<const float*>(static_cast<uintptr_t>(w));
+  auto* dst = reinterpret_cast<float*>(static_cast<uintptr_t>(packed));
+  const std::string which = resolve_isa(isa);
+  if (which == "avx512") avx512::pack_weights(int(C), src, dst);
+  else if (which == "avx2") avx2::pack_weights(int(C), src, dst);
+  else scalar::pack_weights(int(C), src, dst);
 }
 
 void forward(const std::array<int64_t, 4>& dims, const TensorArg& x, const TensorArg& out,
@@ -196,11 +210,14 @@ PYBIND11_MODULE(_spab, m) {
   namespace s = dsclora::spab;
   m.doc() = "Fused SPAB block (float32, CPU): forward and the backward's recompute.";
   m.def("isas", &s::isas, "Instruction sets this CPU runs, best first.");
+  m.def("pack", &s::pack, py::arg("C"), py::arg("w"), py::arg("packed"), py::arg("isa") = "auto",
+        "Weight (C, C, 3, 3) contiguous float32 at pointer w -> C*C*9 floats at `packed` in the "
+        "layout of the kernel for `isa`.");
   m.def("forward", &s::forward, py::arg("dims"), py::arg("x"), py::arg("out"), py::arg("h1"),
         py::arg("weights"), py::arg("threads"), py::arg("isa") = "auto", py::arg("strip_width") = 0,
         py::arg("band_height") = 0, py::call_guard<py::gil_scoped_release>(),
         "x (B,C,H,W) -> out, h1. Tensors as (data_ptr, *strides); weights as 6 pointers "
-        "(packed w1 [ci][3][3][co], b1, w2, b2, w3, b3).");
+        "(w1 packed by `pack` for the same isa, b1, w2, b2, w3, b3).");
   m.def("recompute", &s::recompute, py::arg("dims"), py::arg("x"), py::arg("g_out"),
         py::arg("outputs"), py::arg("weights"), py::arg("threads"), py::arg("isa") = "auto",
         py::arg("strip_width") = 0, py::arg("band_height") = 0,

@@ -23,7 +23,8 @@ constexpr int VW = V::width;
 // ---- the convolution: CB output channels x NW pixel vectors in registers ----
 // A register tile holds CB x NW accumulators, CB broadcast weights and one input vector.
 
-// out[co0+k][x0 + j*VW ...] = bias + sum_{ci, dy, dx} w[ci][dy][dx][co] * in[dy][ci][x + dx - 1]
+// out[co0+k][x0 + j*VW ...] = bias + sum_{ci, dy, dx} w[co0+k][ci][dy][dx] * in[dy][ci][x + dx - 1]
+// with the weights packed by pack_weights: the block's [ci][tap][k] at wp + co0 * 9 * C.
 template <int CB, int NW>
 SPAB_TARGET void conv_tile(const float* const* in, int64_t L, int C, const float* wp,
                            const float* bias, int co0, int x0, float* out) {
@@ -32,13 +33,13 @@ SPAB_TARGET void conv_tile(const float* const* in, int64_t L, int C, const float
     const reg b = V::set1(bias[co0 + k]);
     SPAB_UNROLL for (int j = 0; j < NW; ++j) acc[k][j] = b;
   }
-  for (int ci = 0; ci < C; ++ci) {
-    const float* w_ci = wp + int64_t(ci) * 9 * C + co0;
+  const float* w_ci = wp + int64_t(co0) * 9 * C;
+  for (int ci = 0; ci < C; ++ci, w_ci += 9 * CB) {
     SPAB_UNROLL for (int dy = 0; dy < 3; ++dy) {
       const float* row = in[dy] + ci * L + x0 - 1;
       SPAB_UNROLL for (int dx = 0; dx < 3; ++dx) {
         // CB broadcast weights stay in registers, each input vector is loaded once.
-        const float* w = w_ci + (dy * 3 + dx) * C;
+        const float* w = w_ci + (dy * 3 + dx) * CB;
         reg wk[CB];
         SPAB_UNROLL for (int k = 0; k < CB; ++k) wk[k] = V::set1(w[k]);
         SPAB_UNROLL for (int j = 0; j < NW; ++j) {
@@ -91,6 +92,19 @@ SPAB_TARGET void conv_row(const float* const* in, int64_t L, int C, const ConvWe
     } else {
       conv_block_row<1>(in, L, C, w.packed, w.bias, co0, x0, nvec, out);
     }
+    co0 += cb;
+  }
+}
+
+// Weights (co, ci, 3, 3) -> the layout conv_tile reads: for each register block of output
+// channels [co0, co0 + cb) (conv_row's partition), [ci][tap][k] at co0 * 9 * C.
+void pack_weights(int C, const float* w, float* packed) {
+  for (int co0 = 0; co0 < C;) {
+    const int cb = block_size(C - co0, V::max_block);
+    for (int ci = 0; ci < C; ++ci)
+      for (int tap = 0; tap < 9; ++tap)
+        for (int k = 0; k < cb; ++k)
+          packed[int64_t(co0) * 9 * C + (ci * 9 + tap) * cb + k] = w[(int64_t(co0 + k) * C + ci) * 9 + tap];
     co0 += cb;
   }
 }

@@ -69,18 +69,27 @@ def _cached(tensors: tuple[Tensor, ...], kind: str, pack: Callable):
     return packed
 
 
-def _pack_cpu(*weights: Tensor) -> tuple[Tensor, ...]:
-    """(w1, b1, ...) -> (w1 as [ci][3][3][co], b1, ...), contiguous float32."""
-    return tuple(t.detach().permute(1, 2, 3, 0).contiguous() if t.dim() == 4 else t.detach().contiguous()
-                 for t in weights)
+def _pack_cpu(*weights: Tensor, isa: str = "auto") -> tuple[Tensor, ...]:
+    """(w1, b1, ...) -> (w1 in the C++ kernel's layout for ``isa``, b1, ...), float32."""
+    ext = _extension.load("spab")
+    packed = []
+    for t in weights:
+        t = t.detach().contiguous()
+        if t.dim() == 4:
+            out = torch.empty(t.numel(), dtype=torch.float32)
+            ext.pack(t.shape[0], t.data_ptr(), out.data_ptr(), isa)
+            t = out
+        packed.append(t)
+    return tuple(packed)
 
 
 def _desc(t: Tensor) -> tuple[int, ...]:
     return (t.data_ptr(), *t.stride())
 
 
-def _cpp(x: Tensor, weights: tuple[Tensor, ...]) -> tuple:
-    packed = _cached(weights, "cpu", _pack_cpu)
+def _cpp(weights: tuple[Tensor, ...]) -> tuple:
+    """(extension, packed weight pointers, packed tensors to keep alive during the call)."""
+    packed = _cached(weights, f"cpu:{CPU_ISA}", lambda *w: _pack_cpu(*w, isa=CPU_ISA))
     return _extension.load("spab"), [p.data_ptr() for p in packed], packed
 
 
@@ -99,7 +108,7 @@ def spab(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, 
         return out, h1
     backend = _backend(x)
     if backend == "cpp":
-        ext, ptrs, _keep = _cpp(x, weights)
+        ext, ptrs, _keep = _cpp(weights)
         ext.forward(tuple(x.shape), _desc(x), _desc(out), _desc(h1), ptrs, torch.get_num_threads(), CPU_ISA)
     elif backend == "triton":
         spab_triton.forward(x, _cached(weights, "triton", spab_triton.pack_weights), out, h1)
@@ -125,7 +134,7 @@ def _recompute(x: Tensor, g_out: Tensor, weights: tuple[Tensor, ...]) -> tuple[T
         return spab_recompute_reference(x, g_out, *weights)
     outputs = tuple(torch.empty_like(x) for _ in range(6))
     if backend == "cpp":
-        ext, ptrs, _keep = _cpp(x, weights)
+        ext, ptrs, _keep = _cpp(weights)
         ext.recompute(tuple(x.shape), _desc(x), _desc(g_out), [_desc(t) for t in outputs], ptrs,
                       torch.get_num_threads(), CPU_ISA)
     else:
