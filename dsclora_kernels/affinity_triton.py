@@ -1,8 +1,8 @@
 """Triton kernel of the blockwise spatial-affinity L1 loss (GPU; CPU tensors under TRITON_INTERPRET=1).
 
 One program per (row block I, image b) sweeps all column blocks J, like flash-attention:
-``D = x̂_s[:, I]ᵀ x̂_s[:, J] − x̂_t[:, I]ᵀ x̂_t[:, J]`` with ``tl.dot``, ``loss += Σ|D|``,
-``G[:, I] += x̂[:, J] sign(D)ᵀ``. Each program owns its rows of G and its loss slot: no atomics,
+``D = x̂_s[:, I]ᵀ x̂_s[:, J] − x̂_t[:, I]ᵀ x̂_t[:, J]`` with ``tl.dot``, ``loss_I += Σ_J |D|``,
+``G[:, I] += x̂[:, J] sign(D)ᵀ``. Each program owns its rows of G and of the loss: no atomics,
 deterministic. Without gradients, only blocks J ≥ I are visited (D is symmetric). With gradients,
 entries closer to a tie than the rounding error (|D| < tie_bound) are recomputed in float64 from
 the raw features, in the tiles that have any, so every sign is exact.
@@ -25,8 +25,9 @@ except ImportError:  # dispatch never chooses "triton" without it (_dispatch.tri
     triton = None
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
-#: Block size under the interpreter (autotuning is bypassed there) and the smallest config.
-INTERPRETER_BLOCK = MIN_BLOCK = 64
+#: Row block under the interpreter (autotuning is bypassed there); its column block is half of it,
+#: so the rectangular-tile logic is what CI tests.
+INTERPRETER_BLOCK = 64
 
 
 def _padded_channels(c: int) -> int:
@@ -36,20 +37,23 @@ def _padded_channels(c: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _exact_affinity(F, R, C, N, rows, cols, C_PAD: tl.constexpr):
-        """(BLOCK, BLOCK) float64 block of x̂ᵀx̂ from the raw features and inverse norms."""
-        c = tl.arange(0, C_PAD)
-        f_i = tl.load(F + c[None, :] * N + rows[:, None], mask=(c[None, :] < C) & (rows[:, None] < N), other=0.0)
-        f_j = tl.load(F + c[:, None] * N + cols[None, :], mask=(c[:, None] < C) & (cols[None, :] < N), other=0.0)
+    def _exact_affinity(F, R, C, N, rows, cols, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+        """(BLOCK_I, BLOCK_J) float64 block of x̂ᵀx̂ from the raw features and inverse norms, one
+        channel at a time (CUDA-core FMAs: no extra register tiles). Operands are scaled before
+        the product, so S and T take identical operations (exact ties stay 0)."""
         r_i = tl.load(R + rows, mask=rows < N, other=0.0)
         r_j = tl.load(R + cols, mask=cols < N, other=0.0)
-        a = tl.dot(f_i.to(tl.float64), f_j.to(tl.float64), input_precision="ieee", out_dtype=tl.float64)
-        return a * r_i[:, None] * r_j[None, :]
+        acc = tl.zeros((BLOCK_I, BLOCK_J), tl.float64)
+        for c in range(C):
+            a = tl.load(F + c * N + rows, mask=rows < N, other=0.0).to(tl.float64) * r_i
+            b = tl.load(F + c * N + cols, mask=cols < N, other=0.0).to(tl.float64) * r_j
+            acc += a[:, None] * b[None, :]
+        return acc
 
     @triton.jit
     def _affinity_l1_kernel(
-        XS, XT, GS, GT, FS, FT, RS, RT, PARTIAL, N, CS, CT, PARTIAL_STRIDE, TIE_BOUND,
-        CS_PAD: tl.constexpr, CT_PAD: tl.constexpr, BLOCK: tl.constexpr,
+        XS, XT, GS, GT, FS, FT, RS, RT, ROW_LOSS, N, CS, CT, TIE_BOUND,
+        CS_PAD: tl.constexpr, CT_PAD: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
         GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, PRECISION: tl.constexpr, EXACT_SIGNS: tl.constexpr,
     ):
         block = tl.program_id(0)
@@ -63,19 +67,19 @@ if triton is not None:
         dtype = XS.dtype.element_ty
         cs = tl.arange(0, CS_PAD)
         ct = tl.arange(0, CT_PAD)
-        rows = block * BLOCK + tl.arange(0, BLOCK)
+        rows = block * BLOCK_I + tl.arange(0, BLOCK_I)
         row_ok = rows < N
         # (BLOCK, C_PAD) row panels; padded channels and pixels load as 0 and contribute nothing
         xs_i = tl.load(XS + cs[None, :] * N + rows[:, None], mask=(cs[None, :] < CS) & row_ok[:, None], other=0.0)
         xt_i = tl.load(XT + ct[None, :] * N + rows[:, None], mask=(ct[None, :] < CT) & row_ok[:, None], other=0.0)
-        loss = tl.zeros((BLOCK,), dtype)
-        gs = tl.zeros((BLOCK, CS_PAD), dtype)
-        gt = tl.zeros((BLOCK, CT_PAD), dtype)
+        loss = tl.zeros((BLOCK_I,), dtype)
+        gs = tl.zeros((BLOCK_I, CS_PAD), dtype)
+        gt = tl.zeros((BLOCK_I, CT_PAD), dtype)
         start = 0
-        if not (GRAD_S or GRAD_T):
-            start = block
-        for j in range(start, tl.cdiv(N, BLOCK)):
-            cols = j * BLOCK + tl.arange(0, BLOCK)
+        if not (GRAD_S or GRAD_T):  # from the diagonal square on (BLOCK_I is a multiple of BLOCK_J)
+            start = block * (BLOCK_I // BLOCK_J)
+        for j in range(start, tl.cdiv(N, BLOCK_J)):
+            cols = j * BLOCK_J + tl.arange(0, BLOCK_J)
             col_ok = cols < N
             xs_j = tl.load(XS + cs[:, None] * N + cols[None, :], mask=(cs[:, None] < CS) & col_ok[None, :], other=0.0)
             xt_j = tl.load(XT + ct[:, None] * N + cols[None, :], mask=(ct[:, None] < CT) & col_ok[None, :], other=0.0)
@@ -84,19 +88,20 @@ if triton is not None:
             if EXACT_SIGNS:  # recompute near-ties in float64 from the raw features
                 tie = tl.abs(d) < TIE_BOUND
                 if tl.max(tie.to(tl.int32)) > 0:
-                    exact = _exact_affinity(FS, RS, CS, N, rows, cols, CS_PAD)
-                    exact -= _exact_affinity(FT, RT, CT, N, rows, cols, CT_PAD)
+                    exact = _exact_affinity(FS, RS, CS, N, rows, cols, BLOCK_I, BLOCK_J)
+                    exact -= _exact_affinity(FT, RT, CT, N, rows, cols, BLOCK_I, BLOCK_J)
                     d = tl.where(tie, exact.to(dtype), d)
-            row_sum = tl.sum(tl.abs(d), axis=1)
-            if not (GRAD_S or GRAD_T):
-                row_sum *= tl.where(j == block, 1.0, 2.0).to(dtype)
-            loss += row_sum
+            if GRAD_S or GRAD_T:
+                loss += tl.sum(tl.abs(d), axis=1)
+            else:  # pairs inside the diagonal square once (both orders are in it), the rest twice
+                weight = tl.where(cols < (block + 1) * BLOCK_I, 1.0, 2.0).to(dtype)
+                loss += tl.sum(tl.abs(d) * weight[None, :], axis=1)
             sign = (tl.where(d > 0, 1.0, 0.0) - tl.where(d < 0, 1.0, 0.0)).to(dtype)
             if GRAD_S:
                 gs = tl.dot(sign, tl.trans(xs_j), gs, input_precision=PRECISION)
             if GRAD_T:
                 gt = tl.dot(sign, tl.trans(xt_j), gt, input_precision=PRECISION)
-        tl.store(PARTIAL + image * PARTIAL_STRIDE + block, tl.sum(loss))
+        tl.store(ROW_LOSS + image * N + rows, loss, mask=row_ok)
         if GRAD_S:
             tl.store(GS + image * CS * N + cs[None, :] * N + rows[:, None], gs, mask=(cs[None, :] < CS) & row_ok[:, None])
         if GRAD_T:
@@ -104,10 +109,8 @@ if triton is not None:
 
     # Configs for the GPU; the interpreter cannot run @triton.autotune, so it calls the kernel directly.
     _CONFIGS = [
-        triton.Config({"BLOCK": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK": 128}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_I": bi, "BLOCK_J": bj}, num_warps=warps, num_stages=2)
+        for bi, bj, warps in [(64, 32, 4), (64, 64, 4), (64, 64, 8), (128, 32, 8), (128, 64, 8)]
     ]
     _autotuned_kernel = triton.autotune(_CONFIGS, key=["N", "CS_PAD", "CT_PAD", "GRAD_S", "GRAD_T", "PRECISION", "EXACT_SIGNS"])(
         _affinity_l1_kernel
@@ -127,13 +130,14 @@ def affinity_l1_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_b
     gs = torch.empty_like(xs.xhat) if grad_s else xs.xhat.new_empty(1)
     gt = torch.empty_like(xt.xhat) if grad_t else xt.xhat.new_empty(1)
     rs, rt = (xs.inverse_norm(eps), xt.inverse_norm(eps)) if tie_bound > 0 else (gs, gt)  # unused unless exact
-    stride = triton.cdiv(n, MIN_BLOCK)
-    partial = xs.xhat.new_zeros(batch, stride)  # slots past cdiv(n, BLOCK) stay 0
-    args = (xs.xhat, xt.xhat, gs, gt, xs.raw, xt.raw, rs, rt, partial, n, cs, ct, stride, tie_bound)
+    # Σ_j |D_ij| per row i: every config writes all of it (autotuning runs several on one buffer)
+    row_loss = xs.xhat.new_empty(batch, n)
+    args = (xs.xhat, xt.xhat, gs, gt, xs.raw, xt.raw, rs, rt, row_loss, n, cs, ct, tie_bound)
     meta = dict(CS_PAD=_padded_channels(cs), CT_PAD=_padded_channels(ct), GRAD_S=grad_s, GRAD_T=grad_t,
                 PRECISION=precision, EXACT_SIGNS=tie_bound > 0)
     if triton_interpreting():
-        _affinity_l1_kernel[(triton.cdiv(n, INTERPRETER_BLOCK), batch)](*args, BLOCK=INTERPRETER_BLOCK, **meta)
+        grid = (triton.cdiv(n, INTERPRETER_BLOCK), batch)
+        _affinity_l1_kernel[grid](*args, BLOCK_I=INTERPRETER_BLOCK, BLOCK_J=INTERPRETER_BLOCK // 2, **meta)
     else:
-        _autotuned_kernel[lambda cfg: (triton.cdiv(n, cfg["BLOCK"]), batch)](*args, **meta)
-    return partial.sum(dtype=torch.float64), gs if grad_s else None, gt if grad_t else None
+        _autotuned_kernel[lambda cfg: (triton.cdiv(n, cfg["BLOCK_I"]), batch)](*args, **meta)
+    return row_loss.sum(dtype=torch.float64), gs if grad_s else None, gt if grad_t else None
