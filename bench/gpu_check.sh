@@ -27,6 +27,19 @@ if want spab; then
 fi
 # ==== end spab =================================================================================
 
+# ==== affinity: dsclora_kernels.spatial_affinity_loss (blockwise Triton loss + gradient) ========
+# Installed first (builds the C++ kernels too); tests and bench run outside the source tree so
+# they import the installed package, with Triton compiled for the GPU (no TRITON_INTERPRET).
+if want affinity; then
+  echo "== affinity: pip install --no-build-isolation --no-deps . =="
+  pip install -q --no-build-isolation --no-deps . || status=1
+  echo "== affinity: tests (triton-cuda vs float64 reference, real SPAN features, gradcheck, opcheck, compile; cpp) =="
+  (cd tests && env -u TRITON_INTERPRET python -m pytest -q -p no:cacheprovider test_affinity.py) || status=1
+  echo "== affinity: B=8, Cs=26, Ct=28, H=W 32..256: naive vs fused fwd+bwd per precision, memory, TFLOP/s =="
+  env -u TRITON_INTERPRET python bench/bench_affinity.py --device cuda || status=1
+fi
+# ==== end affinity =============================================================================
+
 # ==== sanitizer: compute-sanitizer memcheck + racecheck on the fused kernels (small sizes) =======
 # PYTORCH_NO_CUDA_MEMORY_CACHING=1: every tensor is its own allocation, so memcheck sees an access
 # past a tensor's end instead of landing in the caching allocator's pool.
