@@ -172,6 +172,18 @@ struct AttentionGradOp {
   }
 };
 
+struct EpilogueOp {  // acc = (acc + add) * mul; add and mul optional (nullptr)
+  float* acc;
+  const float* add;
+  const float* mul;
+  SPAB_TARGET void operator()(int64_t i) const {
+    reg v = V::load(acc + i);
+    if (add) v = V::add(v, V::load(add + i));
+    if (mul) v = V::mul(v, V::load(mul + i));
+    V::store(acc + i, v);
+  }
+};
+
 template <class Op>
 SPAB_TARGET void rowwise(int C, int64_t L, int x0, int nvec, const Op& op) {
   for (int c = 0; c < C; ++c)
@@ -180,15 +192,14 @@ SPAB_TARGET void rowwise(int C, int64_t L, int x0, int nvec, const Op& op) {
 
 // ---- one work item ----
 
+// The rows of a SPAB work item, carved out of SPAB_SCRATCH_ROWS rows of C x L floats.
 struct Scratch {
-  std::vector<float> mem;
   float* x[4];
   float* h1[3];
   float* h2[3];
   float* acc;  // conv output row
   float* g;    // dL/dout row (recompute only)
-  Scratch(int C, int64_t L) : mem(size_t(14) * C * L) {
-    float* p = mem.data();
+  Scratch(float* p, int C, int64_t L) {
     for (auto& r : x) r = p, p += C * L;
     for (auto& r : h1) r = p, p += C * L;
     for (auto& r : h2) r = p, p += C * L;
@@ -199,15 +210,16 @@ struct Scratch {
 
 inline int ring(int y, int n) { return ((y % n) + n) % n; }
 
-void run_item(const Problem& pb, const Tiling& tl, Scratch& s, int n, int r0, int r1, int c0, int c1) {
+void run_item(const Problem& pb, const Tiling& tl, float* mem, int n, int r0, int r1, int c0, int c1) {
   const int C = pb.C, H = pb.H, W = pb.W, tw = c1 - c0;
   const int64_t L = tl.row_length;
+  Scratch s(mem, C, L);
   // Buffer column b holds image column c0 - OFF + b.
   const auto col = [&](int image_col) { return image_col - c0 + OFF; };
   // Vector counts of the three stages: h1 on [c0-2, c1+2), h2 on [c0-1, c1+1), o3 on [c0, c1).
   const int n1 = (tw + 4 + VW - 1) / VW, n2 = (tw + 2 + VW - 1) / VW, n3 = (tw + VW - 1) / VW;
   const int x1 = OFF - 2, x2 = OFF - 1, x3 = OFF;
-  std::fill(s.mem.begin(), s.mem.end(), 0.0f);
+  std::fill(mem, mem + SPAB_SCRATCH_ROWS * C * L, 0.0f);
   const int xa = std::max(0, c0 - 3), xb = std::min(W, c1 + 3);
 
   const auto load_x = [&](int y) {
@@ -283,21 +295,155 @@ void run_item(const Problem& pb, const Tiling& tl, Scratch& s, int n, int r0, in
   }
 }
 
-// All items of the problem on up to `threads` threads, each pulling the next item.
-void run(const Problem& pb, const Tiling& tl, int threads) {
-  const int64_t items = int64_t(pb.B) * tl.bands * tl.strips;
+// out = (conv(in, w) + add) * mul on one item: input rows stream through a ring of 3.
+void run_conv_item(const ConvStep& st, const Tiling& tl, float* mem, int n, int r0, int r1, int c0, int c1) {
+  const int C = st.C, H = st.H, W = st.W, tw = c1 - c0, nvec = (tw + VW - 1) / VW;
+  const int64_t L = tl.row_length;
+  float* in[3] = {mem, mem + C * L, mem + 2 * C * L};
+  float *acc = mem + 3 * C * L, *add = mem + 4 * C * L, *mul = mem + 5 * C * L;
+  std::fill(mem, mem + CONV_SCRATCH_ROWS * C * L, 0.0f);
+  const int xa = std::max(0, c0 - 1), xb = std::min(W, c1 + 1);
+  const auto load_in = [&](int y) {
+    float* row = in[ring(y, 3)];
+    if (y < 0 || y >= H) std::fill(row, row + C * L, 0.0f);
+    else load_row(st.in, n, y, xa, xb, row + xa - c0 + OFF, L, C);
+  };
+  load_in(r0 - 1);
+  load_in(r0);
+  for (int y = r0; y < r1; ++y) {
+    load_in(y + 1);
+    const float* rows[3] = {in[ring(y - 1, 3)], in[ring(y, 3)], in[ring(y + 1, 3)]};
+    conv_row(rows, L, C, st.conv, OFF, nvec, acc);
+    if (st.add.data) load_row(st.add, n, y, c0, c1, add + OFF, L, C);
+    if (st.mul.data) load_row(st.mul, n, y, c0, c1, mul + OFF, L, C);
+    rowwise(C, L, OFF, nvec, EpilogueOp{acc, st.add.data ? add : nullptr, st.mul.data ? mul : nullptr});
+    store_row(acc + OFF, L, C, st.out, n, y, c0, tw);
+  }
+}
+
+// dW[co][ci][dy][dx] += sum over `rows` rows and nvec vectors of g[co] * in[ci] shifted by
+// (dy - 1, dx - 1), for co in [co0, co0 + CB): g rows [rows][C][L] hold the item's output
+// pixels from column OFF, in rows [rows + 2][C][L] the input from one row above.
+template <int CB>
+SPAB_TARGET void wgrad_tile(const float* g, const float* in, int64_t L, int C, int rows, int nvec,
+                            int co0, int ci, int dy, double* dw) {
+  reg acc[CB][3];
+  SPAB_UNROLL for (int k = 0; k < CB; ++k) {
+    SPAB_UNROLL for (int dx = 0; dx < 3; ++dx) acc[k][dx] = V::set1(0.0f);
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float* gr = g + (int64_t(r) * C + co0) * L + OFF;
+    const float* ir = in + (int64_t(r + dy) * C + ci) * L + OFF - 1;
+    for (int j = 0; j < nvec; ++j) {
+      const reg v0 = V::load(ir + j * VW), v1 = V::load(ir + j * VW + 1), v2 = V::load(ir + j * VW + 2);
+      SPAB_UNROLL for (int k = 0; k < CB; ++k) {
+        const reg gk = V::load(gr + k * L + j * VW);
+        acc[k][0] = V::fmadd(gk, v0, acc[k][0]);
+        acc[k][1] = V::fmadd(gk, v1, acc[k][1]);
+        acc[k][2] = V::fmadd(gk, v2, acc[k][2]);
+      }
+    }
+  }
+  SPAB_UNROLL for (int k = 0; k < CB; ++k) {
+    SPAB_UNROLL for (int dx = 0; dx < 3; ++dx) dw[(int64_t(co0 + k) * C + ci) * 9 + dy * 3 + dx] += V::hsum(acc[k][dx]);
+  }
+}
+
+// One item's share of dW (C, C, 3, 3) and db (C) in dw, db: rows stream in chunks of
+// WGRAD_ROWS output rows (plus the input halo), small enough to stay in L1/L2.
+void run_wgrad_item(const WGradStep& st, const Tiling& tl, float* mem, double* dw, double* db,
+                    int n, int r0, int r1, int c0, int c1) {
+  const int C = st.C, H = st.H, W = st.W, tw = c1 - c0, nvec = (tw + VW - 1) / VW;
+  const int64_t L = tl.row_length;
+  float* g = mem;
+  float* in = mem + WGRAD_ROWS * C * L;
+  std::fill(mem, mem + (2 * WGRAD_ROWS + 2) * C * L, 0.0f);
+  const int xa = std::max(0, c0 - 1), xb = std::min(W, c1 + 1);
+  for (int y0 = r0; y0 < r1; y0 += WGRAD_ROWS) {
+    const int rows = std::min(WGRAD_ROWS, r1 - y0);
+    for (int r = 0; r < rows; ++r) load_row(st.g, n, y0 + r, c0, c1, g + r * C * L + OFF, L, C);
+    for (int r = 0; r < rows + 2; ++r) {
+      float* row = in + r * C * L;
+      const int y = y0 - 1 + r;
+      if (y < 0 || y >= H) std::fill(row, row + C * L, 0.0f);
+      else load_row(st.in, n, y, xa, xb, row + xa - c0 + OFF, L, C);
+    }
+    if (dw) {
+      for (int co0 = 0; co0 < C;) {
+        const int cb = block_size(C - co0, 4);
+        for (int ci = 0; ci < C; ++ci)
+          for (int dy = 0; dy < 3; ++dy) {
+            if (cb == 4) wgrad_tile<4>(g, in, L, C, rows, nvec, co0, ci, dy, dw);
+            else if (cb == 3) wgrad_tile<3>(g, in, L, C, rows, nvec, co0, ci, dy, dw);
+            else if (cb == 2) wgrad_tile<2>(g, in, L, C, rows, nvec, co0, ci, dy, dw);
+            else wgrad_tile<1>(g, in, L, C, rows, nvec, co0, ci, dy, dw);
+          }
+        co0 += cb;
+      }
+    }
+    if (db) {
+      for (int co = 0; co < C; ++co)
+        for (int r = 0; r < rows; ++r) {
+          const float* gr = g + (int64_t(r) * C + co) * L + OFF;
+          for (int i = 0; i < tw; ++i) db[co] += gr[i];
+        }
+    }
+  }
+}
+
+// Every (image, band, strip) item on up to `threads` threads, each pulling the next item;
+// item(i, scratch, n, r0, r1, c0, c1) gets `scratch_floats` floats of its thread's scratch.
+template <class Item>
+void run_items(int B, int H, int W, const Tiling& tl, int threads, size_t scratch_floats, Item item) {
+  const int64_t items = int64_t(B) * tl.bands * tl.strips;
   std::atomic<int64_t> next{0};
   const int workers = int(std::min<int64_t>(threads, items));
   parallel_for(workers, workers, [&](int64_t, int64_t) {
-    Scratch s(pb.C, tl.row_length);
+    std::vector<float> scratch(scratch_floats);
     for (int64_t i; (i = next.fetch_add(1)) < items;) {
       const int strip = int(i % tl.strips), band = int(i / tl.strips % tl.bands);
       const int n = int(i / (int64_t(tl.strips) * tl.bands));
-      const int r0 = band * tl.band_height, r1 = std::min(pb.H, r0 + tl.band_height);
-      const int c0 = strip * tl.strip_width, c1 = std::min(pb.W, c0 + tl.strip_width);
-      run_item(pb, tl, s, n, r0, r1, c0, c1);
+      const int r0 = band * tl.band_height, r1 = std::min(H, r0 + tl.band_height);
+      const int c0 = strip * tl.strip_width, c1 = std::min(W, c0 + tl.strip_width);
+      item(i, scratch.data(), n, r0, r1, c0, c1);
     }
   });
+}
+
+void run(const Problem& pb, const Tiling& tl, int threads) {
+  run_items(pb.B, pb.H, pb.W, tl, threads, size_t(SPAB_SCRATCH_ROWS) * pb.C * tl.row_length,
+            [&](int64_t, float* mem, int n, int r0, int r1, int c0, int c1) {
+              run_item(pb, tl, mem, n, r0, r1, c0, c1);
+            });
+}
+
+void run(const ConvStep& st, const Tiling& tl, int threads) {
+  run_items(st.B, st.H, st.W, tl, threads, size_t(CONV_SCRATCH_ROWS) * st.C * tl.row_length,
+            [&](int64_t, float* mem, int n, int r0, int r1, int c0, int c1) {
+              run_conv_item(st, tl, mem, n, r0, r1, c0, c1);
+            });
+}
+
+// Per-item partial sums in double, added up in item order: deterministic for any thread count.
+void run(const WGradStep& st, const Tiling& tl, int threads) {
+  const int C = st.C;
+  const int64_t items = int64_t(st.B) * tl.bands * tl.strips, per_item = int64_t(C) * C * 9 + C;
+  std::vector<double> partial(items * per_item, 0.0);
+  run_items(st.B, st.H, st.W, tl, threads, size_t(2 * WGRAD_ROWS + 2) * C * tl.row_length,
+            [&](int64_t i, float* mem, int n, int r0, int r1, int c0, int c1) {
+              double* dw = partial.data() + i * per_item;
+              run_wgrad_item(st, tl, mem, st.dw ? dw : nullptr, st.db ? dw + per_item - C : nullptr,
+                             n, r0, r1, c0, c1);
+            });
+  for (int64_t k = 0; k < per_item; ++k) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < items; ++i) sum += partial[i * per_item + k];
+    if (k < per_item - C) {
+      if (st.dw) st.dw[k] = float(sum);
+    } else if (st.db) {
+      st.db[k - (per_item - C)] = float(sum);
+    }
+  }
 }
 
 #undef SPAB_UNROLL

@@ -35,6 +35,7 @@ struct Scalar {
   static inline reg min(reg a, reg b) { return a < b ? a : b; }
   static inline reg max(reg a, reg b) { return a > b ? a : b; }
   static inline reg round(reg a) { return std::nearbyint(a); }
+  static inline float hsum(reg a) { return a; }
   // 2^n for an integral-valued n in [-126, 127].
   static inline reg pow2i(reg n) {
     const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
@@ -62,6 +63,11 @@ struct Avx2 {
   static SPAB_AVX2 reg round(reg a) {
     return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
+  static SPAB_AVX2 float hsum(reg a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
   static SPAB_AVX2 reg pow2i(reg n) {
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_castsi256_ps(bits);
@@ -86,6 +92,7 @@ struct Avx512 {
   static SPAB_AVX512 reg round(reg a) {
     return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
+  static SPAB_AVX512 float hsum(reg a) { return _mm512_reduce_add_ps(a); }
   static SPAB_AVX512 reg pow2i(reg n) {
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_castsi512_ps(bits);

@@ -4,8 +4,10 @@
 C++ (``dsclora_kernels._spab``, float32) on the CPU, Triton (fp16/bf16/fp32) on the GPU,
 the PyTorch reference otherwise (logged once). The autograd formula saves only the block
 input: the backward op ``dsclora::spab_backward`` recomputes h1, h2, silu'(a1), silu'(a2),
-dL/do3 with the same fused kernels, then runs PyTorch's convolution backward (oneDNN/cuDNN)
-for the three convolutions. Weights are packed per kernel and cached per weight version.
+dL/do3 with the same fused kernels; on the CPU the three convolutions' input gradients (with
+their pointwise tails) and weight gradients are C++ kernels too, elsewhere PyTorch's
+convolution backward (cuDNN) with in-place pointwise ops. Weights are packed per kernel and
+cached per weight version.
 """
 import weakref
 from typing import Callable, Optional
@@ -127,9 +129,8 @@ def _(x, w1, b1, w2, b2, w3, b3):
 
 # ---- backward ----
 
-def _recompute(x: Tensor, g_out: Tensor, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """(h1, h2, d1, d2, g_o3, g_xres) of ``spab_recompute_reference`` with x's backend."""
-    backend = _backend(x)
+def _recompute(x: Tensor, g_out: Tensor, weights: tuple[Tensor, ...], backend: str) -> tuple[Tensor, ...]:
+    """(h1, h2, d1, d2, g_o3, g_xres) of ``spab_recompute_reference``, fused where possible."""
     if backend == "reference":
         return spab_recompute_reference(x, g_out, *weights)
     outputs = tuple(torch.empty_like(x) for _ in range(6))
@@ -140,6 +141,45 @@ def _recompute(x: Tensor, g_out: Tensor, weights: tuple[Tensor, ...]) -> tuple[T
     else:
         spab_triton.recompute(x, g_out, _cached(weights, "triton", spab_triton.pack_weights), *outputs)
     return outputs
+
+
+def _pack_cpu_transposed(w: Tensor) -> tuple[Tensor, Tensor]:
+    """The weight whose convolution is the input gradient of conv(., w) (channels swapped,
+    taps flipped), packed for the C++ kernel, and a zero bias."""
+    return _pack_cpu(w.transpose(0, 1).flip(2, 3), isa=CPU_ISA)[0], torch.zeros(w.shape[0])
+
+
+def _input_grad(grad: Tensor, inp: Tensor, w: Tensor, backend: str,
+                add: Optional[Tensor] = None, mul: Optional[Tensor] = None) -> Tensor:
+    """(dL/dinp + add) * mul for conv2d(inp, w, padding=1) given grad = dL/doutput."""
+    if backend == "cpp":
+        w_t, zero = _cached((w,), f"cpu-transposed:{CPU_ISA}", _pack_cpu_transposed)
+        out = torch.empty_like(grad)
+        _extension.load("spab").conv(
+            tuple(grad.shape), _desc(grad), _desc(out), w_t.data_ptr(), zero.data_ptr(),
+            None if add is None else _desc(add), None if mul is None else _desc(mul),
+            torch.get_num_threads(), CPU_ISA,
+        )
+        return out
+    g_inp = _conv_backward(grad, inp, w, (True, False, False))[0]
+    if add is not None:
+        g_inp.add_(add)
+    return g_inp if mul is None else g_inp.mul_(mul)
+
+
+def _weight_grads(grad: Tensor, inp: Tensor, w: Tensor, backend: str, need_w: bool, need_b: bool):
+    """(dL/dw, dL/db) of conv2d(inp, w, b, padding=1) given grad = dL/doutput (None if not needed)."""
+    if not (need_w or need_b):
+        return None, None
+    if backend != "cpp":
+        return _conv_backward(grad, inp, w, (False, need_w, need_b))[1:]
+    g_w = torch.empty_like(w, memory_format=torch.contiguous_format) if need_w else None
+    g_b = torch.empty(w.shape[0]) if need_b else None
+    _extension.load("spab").wgrad(
+        tuple(grad.shape), _desc(grad), _desc(inp), 0 if g_w is None else g_w.data_ptr(),
+        0 if g_b is None else g_b.data_ptr(), torch.get_num_threads(), CPU_ISA,
+    )
+    return g_w, g_b
 
 
 def _conv_backward(grad: Tensor, inp: Tensor, w: Tensor, mask: tuple[bool, bool, bool]):
@@ -161,16 +201,24 @@ def spab_backward(
     g_out: Tensor, g_h1: Optional[Tensor], needs: list[bool],
 ) -> list[Tensor]:
     """Gradients of ``spab`` w.r.t. (x, w1, b1, w2, b2, w3, b3) given dL/dout and dL/dh1
-    (None: h1 unused); only those flagged in ``needs`` (7 bools) are computed and returned."""
+    (None: h1 unused); only those flagged in ``needs`` (7 bools) are computed and returned.
+
+    With a2, h2 = silu(a2), o3 the second and third convolutions' outputs:
+    dL/da2 = convT(dL/do3, w3) * silu'(a2), dL/da1 = (convT(dL/da2, w2) + dL/dh1) * silu'(a1),
+    dL/dx = convT(dL/da1, w1) + g_xres; the weight gradients correlate each dL/da with the
+    convolution's input.
+    """
     weights = (w1, b1, w2, b2, w3, b3)
-    h1, h2, d1, d2, g_o3, g_xres = _recompute(x, g_out, weights)
-    g_h2, g_w3, g_b3 = _conv_backward(g_o3, h2, w3, (True, needs[5], needs[6]))
-    g_h1_total, g_w2, g_b2 = _conv_backward(g_h2.mul_(d2), h1, w2, (True, needs[3], needs[4]))
-    if g_h1 is not None:
-        g_h1_total.add_(g_h1)
-    g_x, g_w1, g_b1 = _conv_backward(g_h1_total.mul_(d1), x, w1, (needs[0], needs[1], needs[2]))
-    if g_x is not None:
-        g_x.add_(g_xres)
+    backend = _backend(x)
+    h1, h2, d1, d2, g_o3, g_xres = _recompute(x, g_out, weights, backend)
+    g_a2 = _input_grad(g_o3, h2, w3, backend, mul=d2)
+    g_w3, g_b3 = _weight_grads(g_o3, h2, w3, backend, needs[5], needs[6])
+    del h2, d2, g_o3
+    g_a1 = _input_grad(g_a2, h1, w2, backend, add=g_h1, mul=d1)
+    g_w2, g_b2 = _weight_grads(g_a2, h1, w2, backend, needs[3], needs[4])
+    del h1, d1, g_a2
+    g_x = _input_grad(g_a1, x, w1, backend, add=g_xres) if needs[0] else None
+    g_w1, g_b1 = _weight_grads(g_a1, x, w1, backend, needs[1], needs[2])
     grads = (g_x, g_w1, g_b1, g_w2, g_b2, g_w3, g_b3)
     return [_like(g, ref) for g, ref, need in zip(grads, (x, *weights), needs) if need]
 

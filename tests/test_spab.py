@@ -70,13 +70,20 @@ def test_cpp_every_instruction_set(monkeypatch, isa):
         pytest.skip(f"this CPU does not run {isa}")
     monkeypatch.setattr(spab_module, "CPU_ISA", isa)
     x, weights = block_inputs(2, 26, 11, 37)
+    g_out, g_h1 = torch.randn_like(x), torch.randn_like(x)
     with use_backend("cpp"):
         ours = spab(x, *weights)
+        ours_grads = grads(spab, [x, *weights], g_out, g_h1)
     assert max_error(ours, reference64(x, weights)) <= 1e-4
+    expected = grads(spab_reference, [t.double() for t in (x, *weights)], g_out.double(), g_h1.double())
+    assert relative_l2(ours_grads, expected) <= 1e-4
+
+
+TILINGS = [(8, 3, 3), (5, 1, 2), (13, 4, 1), (64, 2, 4)]  # strip width, band height, threads
 
 
 @needs_cpp
-@pytest.mark.parametrize("strip_width,band_height,threads", [(8, 3, 3), (5, 1, 2), (13, 4, 1), (64, 2, 4)])
+@pytest.mark.parametrize("strip_width,band_height,threads", TILINGS)
 def test_cpp_tilings_give_the_same_result(strip_width, band_height, threads):
     """Strips and bands recompute their halos: every tiling must equal the reference."""
     ext = _extension.load("spab")
@@ -87,6 +94,32 @@ def test_cpp_tilings_give_the_same_result(strip_width, band_height, threads):
     ext.forward(tuple(x.shape), desc(x), desc(out), desc(h1), [p.data_ptr() for p in packed],
                 threads, "auto", strip_width, band_height)
     assert max_error((out, h1), reference64(x, weights)) <= 1e-4
+
+
+@needs_cpp
+@pytest.mark.parametrize("strip_width,band_height,threads", TILINGS)
+def test_cpp_backward_steps_under_any_tiling(strip_width, band_height, threads):
+    """The backward's C++ steps: (conv(in, w) + add) * mul and the weight gradient."""
+    ext, desc = _extension.load("spab"), spab_module._desc
+    inp, (w, b, *_) = block_inputs(2, 26, 10, 29)
+    add, mul = torch.randn_like(inp), torch.randn_like(inp).contiguous(memory_format=torch.channels_last)
+    out = torch.empty_like(inp)
+    packed = spab_module._pack_cpu(w)[0]
+    ext.conv(tuple(inp.shape), desc(inp), desc(out), packed.data_ptr(), b.data_ptr(), desc(add), desc(mul),
+             threads, "auto", strip_width, band_height)
+    inp64, w64, b64 = inp.double(), w.double(), b.double()
+    expected = (torch.nn.functional.conv2d(inp64, w64, b64, padding=1) + add) * mul
+    assert max_error((out,), (expected,)) <= 1e-4
+
+    g = torch.randn_like(inp)
+    g_w, g_b = torch.empty_like(w), torch.empty_like(b)
+    ext.wgrad(tuple(inp.shape), desc(g), desc(inp), g_w.data_ptr(), g_b.data_ptr(), threads, "auto",
+              strip_width, band_height)
+    _, expected_w, expected_b = spab_module._conv_backward(g.double(), inp64, w64, (False, True, True))
+    assert relative_l2((g_w, g_b), (expected_w, expected_b)) <= 1e-6
+    g_w1 = torch.empty_like(w)  # the same result on one thread: deterministic
+    ext.wgrad(tuple(inp.shape), desc(g), desc(inp), g_w1.data_ptr(), 0, 1, "auto", strip_width, band_height)
+    assert torch.equal(g_w, g_w1)
 
 
 TRITON_SHAPES = [(1, 26, 9, 13), (2, 28, 1, 1), (1, 48, 6, 5), (2, 26, 3, 40)]
