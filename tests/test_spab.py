@@ -14,7 +14,6 @@ from dsclora_kernels import _extension, _log, spab, spab_reference, use_backend
 spab_module = importlib.import_module("dsclora_kernels.spab")
 needs_cpp = pytest.mark.skipif(_extension.load("spab") is None, reason="C++ extension _spab not built")
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
-NAMES = ("x", "w1", "b1", "w2", "b2", "w3", "b3")
 
 
 def block_inputs(b, c, h, w, dtype=torch.float32, scale=3.0):
