@@ -44,7 +44,8 @@ def _backend(x: Tensor) -> str:
         fallback(f"spab:cpp:{x.dtype}", "the C++ kernel computes in float32 only; using the PyTorch reference")
         return "reference"
     if backend == "triton" and x.dtype not in spab_triton.DTYPES:
-        fallback(f"spab:triton:{x.dtype}", f"the Triton kernel supports {spab_triton.DTYPES}; using the PyTorch reference")
+        fallback(f"spab:triton:{x.dtype}",
+                 f"the Triton kernel supports {spab_triton.DTYPES}; using the PyTorch reference")
         return "reference"
     return backend
 
