@@ -339,6 +339,34 @@ def api_cases() -> list[ApiCase]:
     ]
 
 
+def check_api(upscaler, case: ApiCase) -> Outcome:
+    """Call ``upscaler`` on ``case``: its error, or the result of its equivalent input (x2 model)."""
+    expected = f"error: ...{case.error}..." if case.error else "the result of the float32 contiguous equivalent"
+    try:
+        given = case.make()
+        got = upscaler(given)
+    except (ValueError, TypeError) as exc:
+        return Outcome(case.name, case.name, expected, f"error: {exc}", reason_matches(str(exc), case.error))
+    except Exception as exc:
+        return Outcome(case.name, case.name, expected, f"UNCLEAR {type(exc).__name__}: {exc}", False)
+    if case.error is not None:
+        return Outcome(case.name, case.name, expected, f"no error: {type(got).__name__}", False)
+    reference = upscaler(case.equivalent().float().contiguous())
+    if isinstance(given, np.ndarray):
+        peak = {np.uint8: 255, np.uint16: 65535}.get(given.dtype.type, 1)
+        reference = reference.clamp(0, 1).permute(1, 2, 0).numpy() * peak
+        reference = reference.round() if peak > 1 else reference
+        error, tolerance = float(np.abs(got.astype(np.float64) - reference).max()), 1.0 if peak > 1 else 1e-6
+        shape_ok = got.shape == reference.shape
+    else:
+        error = (got.float().reshape(reference.shape) - reference).abs().max().item()
+        tolerance = 2e-3 if given.dtype == torch.float16 else 1e-6
+        shape_ok = got.shape[-2:] == (given.shape[-2] * 2, given.shape[-1] * 2)
+    passed = shape_ok and got.dtype == given.dtype and error <= tolerance
+    return Outcome(case.name, case.name, expected,
+                   f"{tuple(got.shape)} {got.dtype}, max |difference| {error:.1g} (<= {tolerance:g})", passed)
+
+
 @dataclass
 class BatchRun:
     """A ``dsclora infer`` run: exit code, stderr, {input: reason} of its summary, output names."""

@@ -7,6 +7,7 @@ of ``exec`` that would create a marker file: a loader that executes pickled code
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -147,3 +148,94 @@ def check(folder: Path, case: CheckpointCase) -> Outcome:
 def _short(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- the trainer's resume checkpoint
+@dataclass
+class ResumeCase:
+    """A damage done to a copy of a run's ``checkpoints/`` folder, and the error resuming must give."""
+
+    name: str
+    damage: Callable[[Path], None]
+    error: str
+    key: str | None = None
+
+
+def _edit_tensors(folder: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / json.loads((folder / "last.json").read_text())["tensors"]
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def _edit_json(folder: Path, edit) -> None:
+    state = json.loads((folder / "last.json").read_text())
+    edit(state)
+    (folder / "last.json").write_text(json.dumps(state))
+
+
+def _tensor_path(folder: Path) -> Path:
+    return folder / json.loads((folder / "last.json").read_text())["tensors"]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def resume_cases(lora_key: str, ema_key: str, optim_key: str) -> list[ResumeCase]:
+    """Damages of a resume checkpoint; ``*_key``: tensor names it holds (adapter, EMA, Adam slot)."""
+    def set_nan(key):
+        return lambda t: t[key].view(-1)[0].fill_(float("nan"))
+
+    def reshape(key):
+        return lambda t: t.update({key: t[key].flatten()[:-1].clone()})
+
+    return [
+        ResumeCase("truncated tensor file", lambda f: _truncate(_tensor_path(f)), "cannot be read"),
+        ResumeCase("tensor file deleted", lambda f: _tensor_path(f).unlink(), "is missing"),
+        ResumeCase("pickle in place of the tensor file",
+                   lambda f: torch.save(Payload(f / "ran.txt"), _tensor_path(f)), "cannot be read"),
+        ResumeCase("truncated JSON", lambda f: _truncate(f / "last.json"), "not valid JSON"),
+        ResumeCase("JSON is a list", lambda f: (f / "last.json").write_text("[1, 2]"), "no 'tensors' entry"),
+        ResumeCase("JSON points outside the folder",
+                   lambda f: _edit_json(f, lambda s: s.update(tensors="../../../etc/hostname")), "is missing"),
+        ResumeCase("JSON without param_groups", lambda f: _edit_json(f, lambda s: s.pop("param_groups")),
+                   "are missing", "param_groups"),
+        ResumeCase("iteration not a number", lambda f: _edit_json(f, lambda s: s.update(iteration="5")),
+                   "is outside"),
+        ResumeCase("adapter tensor missing", lambda f: _edit_tensors(f, lambda t: t.pop(lora_key)),
+                   "do not match model.targets", lora_key.removeprefix("lora.")),
+        ResumeCase("EMA tensor missing", lambda f: _edit_tensors(f, lambda t: t.pop(ema_key)), "is missing", ema_key),
+        ResumeCase("RNG state missing", lambda f: _edit_tensors(f, lambda t: t.pop("rng.torch")), "is missing",
+                   "rng.torch"),
+        ResumeCase("mis-shaped adapter", lambda f: _edit_tensors(f, reshape(lora_key)), "has shape", lora_key),
+        ResumeCase("mis-shaped Adam slot", lambda f: _edit_tensors(f, reshape(optim_key)), "has shape", optim_key),
+        ResumeCase("NaN in the EMA", lambda f: _edit_tensors(f, set_nan(ema_key)), "NaN", ema_key),
+        ResumeCase("NaN in an adapter", lambda f: _edit_tensors(f, set_nan(lora_key)), "NaN", lora_key),
+    ]
+
+
+def check_resume(config, case: ResumeCase, pristine: Path, run_dir: Path) -> Outcome:
+    """Copy the run folder ``pristine``, damage its checkpoint, resume: one clear error naming the
+    file (and the key) must come, from ``Trainer(config, resume=True)``."""
+    import dataclasses
+    import shutil
+
+    from dsclora.train import ConfigError, Trainer
+    from dsclora.train.checkpoint import CheckpointStateError
+
+    shutil.copytree(pristine, run_dir)
+    case.damage(run_dir / "checkpoints")
+    expected = f"error: ...{case.error}..." + (f" naming {case.key}" if case.key else "")
+    try:
+        Trainer(dataclasses.replace(config, run_dir=str(run_dir)), resume=True)
+    except (CheckpointStateError, ConfigError) as exc:
+        message = str(exc)
+        passed = (str(run_dir / "checkpoints") in message and reason_matches(message, case.error)
+                  and (case.key is None or case.key in message))
+        return Outcome(case.name, case.name, expected, f"{type(exc).__name__}: {_short(message, 240)}", passed)
+    except Exception as exc:
+        return Outcome(case.name, case.name, expected, f"UNCLEAR {type(exc).__name__}: {_short(str(exc))}", False)
+    return Outcome(case.name, case.name, expected, "resumed without an error", False)

@@ -4,17 +4,20 @@ the file and the key — through the API, ``dsclora infer --weights``, ``dsclora
 trainer's model paths, and the trainer's own resume checkpoint (safetensors + JSON)."""
 import contextlib
 import io
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import crash_harness
 import hostile_checkpoints
 from corpus import cli_batch
 from dsclora.cli import main as cli_main
 from dsclora.data import save_image
 from dsclora.infer import load as load_upscaler
 from dsclora.models import CheckpointError, load_model, read_state_dict
+from dsclora.train import Trainer, checkpoint, load_config
 from dsclora.train.config import ConfigError
 from dsclora.train.trainer import load_span
 
@@ -72,3 +75,45 @@ def test_infer_weights_option_names_file_and_key(checkpoints, name, fragment, tm
     assert run.code == 2
     assert f"{folder / 'files' / name}: " in run.stderr and fragment in run.stderr
     assert "Traceback" not in run.stderr and run.outputs == []
+
+
+# ---- the trainer's resume checkpoint (safetensors + JSON) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished 2-iteration run (tests/crash_harness.py's tiny setup) and its configuration."""
+    root = tmp_path_factory.mktemp("resume")
+    config_path = crash_harness.make_setup(root)
+    overrides = [f"run_dir={root / 'run'}", "deterministic=false", "stages.0.iterations=1", "stages.1.iterations=1"]
+    config = load_config(config_path, overrides)
+    Trainer(config).run()
+    return config_path, overrides, config, root / "run"
+
+
+def resume_cases_of(run_dir):
+    tensors, _ = checkpoint.load(run_dir / "checkpoints", "last")
+    lora = next(k for k in tensors if k.startswith("lora."))
+    slot = next(k for k in tensors if k.startswith("optim.") and tensors[k].dim() > 0)
+    return hostile_checkpoints.resume_cases(lora, "ema." + lora.removeprefix("lora."), slot)
+
+
+def test_a_damaged_resume_checkpoint_gives_one_clear_error_naming_file_and_key(trained_run, tmp_path):
+    _, _, config, run_dir = trained_run
+    cases = resume_cases_of(run_dir)
+    outcomes = [hostile_checkpoints.check_resume(config, case, run_dir, tmp_path / f"case{i}")
+                for i, case in enumerate(cases)]
+    failed = [f"{o.name}: expected {o.expected}, got {o.got}" for o in outcomes if not o.passed]
+    assert not failed, "\n".join(failed)
+    assert not list(tmp_path.glob("*/checkpoints/ran.txt"))
+
+
+def test_train_resume_command_reports_a_damaged_checkpoint(trained_run, tmp_path):
+    config_path, overrides, _, run_dir = trained_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    tensor_file = next((tmp_path / "run" / "checkpoints").glob("last-*.safetensors"))
+    tensor_file.write_bytes(tensor_file.read_bytes()[:100])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli_main(["train", "--config", str(config_path), *overrides, f"run_dir={tmp_path / 'run'}", "--resume"])
+    assert code == 2
+    assert f"cannot resume: {tensor_file}: cannot be read" in err.getvalue() and "Traceback" not in err.getvalue()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from corpus import TILE, api_cases, build_files, build_inputs, check_file, cli_batch, reason_matches
+from corpus import TILE, api_cases, build_files, build_inputs, check_api, check_file, cli_batch, reason_matches
 from dsclora.data import load_image
 from dsclora.infer import Upscaler, merge_span
 from dsclora.infer.batch import upscale_image
@@ -134,21 +134,8 @@ def test_failed_writes_leave_no_partial_file_and_the_batch_goes_on(tmp_path, wei
 
 @pytest.mark.parametrize("case", api_cases(), ids=lambda c: c.name)
 def test_api_input(case, upscaler):
-    if case.error is not None:
-        with pytest.raises((ValueError, TypeError), match=case.error.replace("(", r"\(").replace(")", r"\)")):
-            upscaler(case.make())
-        return
-    given = case.make()
-    got = upscaler(given)
-    expected = upscaler(case.equivalent().float().contiguous())
-    if isinstance(given, np.ndarray):
-        assert got.dtype == given.dtype and got.shape == (given.shape[0] * 2, given.shape[1] * 2, given.shape[2])
-        expected = (expected.clamp(0, 1).permute(1, 2, 0).numpy() * 65535).round()
-        np.testing.assert_allclose(got.astype(np.float64), expected, rtol=0, atol=1)
-        return
-    assert got.dtype == given.dtype and got.shape[-2:] == (given.shape[-2] * 2, given.shape[-1] * 2)
-    tolerance = {torch.float16: 2e-3}.get(given.dtype, 1e-6)
-    torch.testing.assert_close(got.float().reshape(expected.shape), expected, rtol=0, atol=tolerance)
+    outcome = check_api(upscaler, case)
+    assert outcome.passed, f"expected {outcome.expected}, got {outcome.got}"
 
 
 def test_fast_ops_name_bad_dtypes_and_propagate_nan_like_their_references():

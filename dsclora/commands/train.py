@@ -15,11 +15,20 @@ def run(args) -> int:
     import sys
 
     from dsclora.train import ConfigError, TrainingError, load_config, train
+    from dsclora.train.checkpoint import CheckpointStateError
+    from dsclora.train.trainer import TrainingInterrupted
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = load_config(args.config, args.overrides)
         result = train(config, resume=args.resume)
+    except TrainingInterrupted as exc:
+        print(f"dsclora train: {exc}", file=sys.stderr)
+        return 130  # the shell's code for a run ended by Ctrl+C
+    except CheckpointStateError as exc:
+        print(f"dsclora train: error: cannot resume: {exc} (move the run folder's checkpoints/ away "
+              "to start from the beginning)", file=sys.stderr)
+        return 2
     except (ConfigError, TrainingError) as exc:
         print(f"dsclora train: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1

@@ -3,7 +3,8 @@
 A checkpoint named ``last`` (or ``best``) is ``<name>.json`` pointing at a tensor file
 ``<name>-<iteration>.safetensors`` beside it. The tensor file is written (and fsync'ed) first,
 then the JSON replaces the previous one in one ``os.replace``, and only then is the old tensor
-file removed: a crash at any point leaves a complete, consistent checkpoint.
+file removed: a crash at any point leaves a complete, consistent checkpoint. What a crash leaves
+besides (temporary files, a tensor file no JSON points to) is removed by the next ``save``.
 """
 import json
 import os
@@ -50,20 +51,40 @@ def _fsync_directory(folder: Path) -> None:
 
 
 def save(folder: Path, name: str, tensors: dict[str, torch.Tensor], state: dict) -> Path:
-    """Write checkpoint ``name`` (tensors + JSON ``state``); returns the JSON path."""
+    """Write checkpoint ``name`` (tensors + JSON ``state``); returns the JSON path.
+
+    If writing fails (OSError, e.g. a full disk), the previous checkpoint stays complete and
+    nothing of the new one is left behind.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     json_path = folder / f"{name}.json"
     previous = _tensor_file(json_path) if json_path.is_file() else None
-    tensor_name = f"{name}-{state['iteration']:09d}.safetensors"
+    remove_leftovers(folder, name, keep=previous)
+    tensor_path = folder / f"{name}-{state['iteration']:09d}.safetensors"
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(folder / tensor_name, lambda tmp: save_file(tensors, tmp))
-    record = dict(state, tensors=tensor_name)
-    atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-    if previous is not None and previous.name != tensor_name and previous.exists():
+    atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp))
+    record = dict(state, tensors=tensor_path.name)
+    try:
+        atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    except BaseException:
+        if tensor_path != previous:
+            tensor_path.unlink(missing_ok=True)
+        raise
+    if previous is not None and previous != tensor_path and previous.exists():
         previous.unlink()
     return json_path
+
+
+def remove_leftovers(folder: Path, name: str, keep: Path | None) -> list[Path]:
+    """Delete what interrupted saves of checkpoint ``name`` left in ``folder``: temporary files
+    and tensor files other than ``keep`` (the one its JSON points to). Returns the deleted paths."""
+    stale = [p for p in Path(folder).glob(f".{name}[.-]*.tmp")]
+    stale += [p for p in Path(folder).glob(f"{name}-*.safetensors") if p != keep]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def load(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -75,19 +96,36 @@ def load(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], dict] | None
         return None
     try:
         state = json.loads(json_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointStateError(f"{json_path}: not valid JSON: {exc}") from exc
     tensor_path = _tensor_file(json_path, state)
     if not tensor_path.is_file():
         raise CheckpointStateError(f"{json_path}: its tensor file {tensor_path.name} is missing")
-    return load_file(str(tensor_path)), state
+    try:
+        return load_file(str(tensor_path)), state
+    except Exception as exc:  # safetensors' errors for truncated or corrupt files
+        raise CheckpointStateError(f"{tensor_path}: cannot be read (truncated or corrupt?): {exc}") from exc
+
+
+def check_tensor(tensors: dict[str, torch.Tensor], key: str, shape, source: Path) -> torch.Tensor:
+    """``tensors[key]``, or a CheckpointStateError naming ``source`` and the key if it is missing,
+    has another shape than ``shape`` or holds NaN/inf."""
+    if key not in tensors:
+        raise CheckpointStateError(f"{source}: tensor {key!r} is missing")
+    value = tensors[key]
+    if tuple(value.shape) != tuple(shape):
+        raise CheckpointStateError(f"{source}: tensor {key!r} has shape {tuple(value.shape)}, "
+                                   f"expected {tuple(shape)}")
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise CheckpointStateError(f"{source}: tensor {key!r} holds NaN or inf")
+    return value
 
 
 def _tensor_file(json_path: Path, state: dict | None = None) -> Path:
     state = json.loads(json_path.read_text()) if state is None else state
-    if "tensors" not in state:
-        raise CheckpointStateError(f"{json_path}: no 'tensors' entry")
-    return json_path.parent / state["tensors"]
+    if not isinstance(state, dict) or not isinstance(state.get("tensors"), str):
+        raise CheckpointStateError(f"{json_path}: no 'tensors' entry naming its tensor file")
+    return json_path.parent / Path(state["tensors"]).name
 
 
 # ---------------------------------------------------------------- RNG states

@@ -13,6 +13,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,20 @@ VALIDATION_FIELDS = ["iteration", "dataset", "psnr", "ssim"]
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl+C (SIGINT) or SIGTERM stopped the run after a step; its checkpoint is saved."""
+
+
+#: Signals that stop a run cleanly: the current step finishes and a checkpoint is saved.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave Ctrl+C to the main process (which stops after the step)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @dataclass
@@ -98,6 +114,7 @@ class Trainer:
                       if self.ctx.distributed else self.student)
         self.entries = find_images(config.data.hr, config.data.lr, self.scale)
         self.iteration, self.skipped, self.nonfinite_run = 0, 0, 0
+        self._stop_signal: str | None = None  # set by a stop signal during run()
         self.best_psnr = -math.inf
         self.val_sets = (validation_sets(config.validation.hr, self.scale)
                          if self.ctx.is_main and config.validation.hr else {})
@@ -178,6 +195,7 @@ class Trainer:
         if names != set(self.params):
             raise ConfigError(f"{self.ckpt_dir}: the checkpoint's adapters do not match model.targets "
                               f"(e.g. {sorted(names ^ set(self.params))[:3]})")
+        self._check_resume_state(tensors, state)
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(tensors[f"lora.{n}"])
@@ -195,10 +213,40 @@ class Trainer:
         if self.ctx.is_main:
             logger.info("dsclora: resumed from %s at iteration %d", self.ckpt_dir, self.iteration)
 
+    def _check_resume_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """CheckpointStateError naming the entry or tensor of ``last`` that cannot be resumed from."""
+        source = self.ckpt_dir / "last.json"
+        missing = [k for k in ("iteration", "skipped", "nonfinite_run", "ema_updates", "best_psnr",
+                               "param_groups", "rng") if k not in state]
+        if missing:
+            raise checkpoint.CheckpointStateError(f"{source}: entries {missing} are missing")
+        if not isinstance(state["iteration"], int) or not 0 <= state["iteration"] <= self.config.total_iterations:
+            raise checkpoint.CheckpointStateError(
+                f"{source}: iteration {state['iteration']!r} is outside this configuration's "
+                f"0..{self.config.total_iterations}")
+        params = list(self.params.items())
+        for n, p in params:
+            checkpoint.check_tensor(tensors, f"lora.{n}", p.shape, source)
+            checkpoint.check_tensor(tensors, f"ema.{n}", p.shape, source)
+        checkpoint.check_tensor(tensors, "rng.torch", torch.get_rng_state().shape, source)
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                index = int(key.split(".")[1])
+                if index >= len(params):
+                    raise checkpoint.CheckpointStateError(f"{source}: tensor {key!r} is for no parameter")
+                checkpoint.check_tensor(tensors, key, params[index][1].shape if value.dim() else (), source)
+
     def save_checkpoint(self) -> None:
         tensors, state = self._state()  # every process: optimizer state is identical on all
         if self.ctx.is_main:
-            checkpoint.save(self.ckpt_dir, "last", tensors, state)
+            self._save("last", tensors, state)
+
+    def _save(self, name: str, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        try:
+            checkpoint.save(self.ckpt_dir, name, tensors, state)
+        except OSError as exc:  # e.g. ENOSPC: checkpoint.save kept the previous one complete
+            raise TrainingError(f"cannot save checkpoint {name!r} of iteration {self.iteration} in "
+                                f"{self.ckpt_dir}: {exc}; the previous {name!r} checkpoint is intact") from exc
 
     # ------------------------------------------------------------ training
     def _loader(self, stage_index: int, start: int, stop: int) -> DataLoader:
@@ -206,8 +254,11 @@ class Trainer:
         dataset = PatchDataset(self.entries, self.scale, stage.patch_size, self.config.seed,
                                data.augment, data.quantize_lr, data.cache_images)
         sampler = IterationSampler(start, stop, stage.batch_size, self.ctx.rank, self.ctx.world_size)
+        # its own generator: creating the loader (again on resume) must not draw from the global RNG
+        generator = torch.Generator().manual_seed(self.config.seed + stage_index)
         return DataLoader(dataset, batch_size=sampler.local, sampler=sampler, num_workers=data.workers,
-                          pin_memory=self.ctx.device.type == "cuda")
+                          pin_memory=self.ctx.device.type == "cuda", worker_init_fn=_ignore_stop_signals,
+                          generator=generator)
 
     def _autocast(self):
         if self.config.amp == "bf16":
@@ -266,7 +317,7 @@ class Trainer:
                    dynamic_ncols=True, desc="dsclora train")
         self._log_lines = bar.disable
         try:
-            with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
+            with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(), self._stop_signals():
                 while self.iteration < total:
                     self._run_stage(bar)
                     distributed.barrier(self.ctx)
@@ -302,6 +353,40 @@ class Trainer:
                 self.save_checkpoint()
             if self.val_sets and (self.iteration % config.validation.every == 0 or self.iteration == stop):
                 self.validate()
+            if self._stop_requested():
+                if self.iteration % config.checkpoint_every and self.iteration != stop:
+                    self.save_checkpoint()
+                raise TrainingInterrupted(f"stopped at iteration {self.iteration} of {config.total_iterations}; "
+                                          f"checkpoint saved in {self.ckpt_dir}; continue with --resume")
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """While training, a first SIGINT/SIGTERM asks to stop after the current step (see
+        ``_stop_requested``); a second SIGINT interrupts at once (KeyboardInterrupt)."""
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():  # signals go to the main thread
+            yield
+            return
+
+        def request_stop(signum, _frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+            logger.warning("dsclora: %s: stopping after this step with a checkpoint (Ctrl+C again to abort)",
+                           self._stop_signal)
+
+        previous = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _stop_requested(self) -> bool:
+        """Whether any process received a stop signal (all processes stop at the same step)."""
+        if not self.ctx.distributed:
+            return self._stop_signal is not None
+        return not distributed.all_true(self.ctx, torch.tensor(self._stop_signal is None, device=self.ctx.device))
 
     def _log_train(self, stage: int, lr: float, sums: dict, count: int, it_per_s: float) -> None:
         if not self.ctx.is_main:
@@ -348,7 +433,7 @@ class Trainer:
         if mean_psnr > self.best_psnr:
             self.best_psnr = mean_psnr
             tensors = {f"ema.{n}": t for n, t in self.ema.shadow.items()}
-            checkpoint.save(self.ckpt_dir, "best", tensors, {"iteration": self.iteration, "psnr": mean_psnr})
+            self._save("best", tensors, {"iteration": self.iteration, "psnr": mean_psnr})
 
     def _finish(self) -> TrainResult:
         result = TrainResult(self.run_dir, self.iteration, self.skipped)
