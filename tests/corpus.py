@@ -6,6 +6,7 @@ one ``FileCase`` each: either the pixels a correct reader returns, or a fragment
 (folders without images, missing paths). ``api_cases()`` are tensors and arrays for ``Upscaler``
 and the fast ops. Everything is generated: no file of the corpus is stored in the repository.
 """
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -44,6 +45,18 @@ class FileCase:
     @property
     def shape(self) -> tuple[int, int]:
         return self.size if self.rgb is None else self.rgb.shape[:2]
+
+
+def tiny_span(form: str = "eval", seed: int = 0):
+    """A SPAN (C = 8, x2) with small random weights everywhere, in eval mode."""
+    from dsclora.models import SPAN
+
+    model = SPAN(8, None, 2, form=form)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model.eval()
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -394,3 +407,49 @@ def cli_batch(arguments: list[str], out: Path, weights: Path, *options: str) -> 
     names = sorted(p.name for p in Path(out).iterdir()) if Path(out).is_dir() else []
     return BatchRun(code, err.getvalue(), failures, [n for n in names if not n.startswith(".")],
                     [n for n in names if n.startswith(".")])
+
+
+#: Output failures that hit root too (root ignores permission bits, so chmod cannot block a write
+#: in these tests): the target exists as a folder (EISDIR on the rename), the name is longer than
+#: the file system allows (ENAMETOOLONG), the disk fills up half-way (ENOSPC, simulated).
+WRITE_FAILURES = {"blocked.png": "Is a directory", "disk_full.png": "No space left on device",
+                  "x" * 250 + ".png": "File name too long"}
+
+
+def _rgb_file(path: Path, seed: int = 0) -> None:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (5, 6, 3), dtype=np.uint8)).save(path)
+
+
+def write_failures(folder: Path, weights: Path) -> BatchRun:
+    """``dsclora infer`` of four images into ``folder / "out"`` with ``--suffix _up``: three of
+    them fail to be written (WRITE_FAILURES), ``fine.png`` succeeds."""
+    import errno
+    from unittest import mock
+
+    folder = Path(folder)
+    (folder / "in").mkdir(parents=True)
+    for name in ("blocked.png", "disk_full.png", "fine.png"):
+        _rgb_file(folder / "in" / name)
+    long_name = next(n for n in WRITE_FAILURES if len(n) > 200)
+    _rgb_file(folder / long_name)  # 254 bytes: a valid name, not with the suffix
+    (folder / "out" / "blocked_up.png").mkdir(parents=True)
+    real_save = Image.Image.save
+
+    def save_until_disk_full(image, fp, *args, **kwargs):
+        if "disk_full" in str(fp):
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half an image")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(image, fp, *args, **kwargs)
+
+    with mock.patch.object(Image.Image, "save", save_until_disk_full):
+        return cli_batch([str(folder / "in"), str(folder / long_name)], folder / "out", weights, "--suffix", "_up")
+
+
+def unwritable_folder(folder: Path, weights: Path) -> tuple[BatchRun, Path]:
+    """``dsclora infer`` into an output folder under a regular file (ENOTDIR, for root too)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _rgb_file(folder / "a.png")
+    blocker = folder / "a_file"
+    blocker.write_text("not a folder")
+    return cli_batch([str(folder / "a.png")], blocker / "out", weights), blocker / "out"

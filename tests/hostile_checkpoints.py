@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from corpus import Outcome, reason_matches
+from corpus import Outcome, reason_matches, tiny_span
 from dsclora.models import SPAN
 
 
@@ -33,14 +33,9 @@ class CheckpointCase:
     key: str | None = None  # a key of the state dict the message must name
 
 
-def tiny_state(form: str = "eval", seed: int = 0) -> dict[str, torch.Tensor]:
+def tiny_state(form: str = "eval") -> dict[str, torch.Tensor]:
     """A valid SPAN (C = 8, x2) state dict."""
-    model = SPAN(8, None, 2, form=form)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    return model.state_dict()
+    return tiny_span(form).state_dict()
 
 
 def build(folder: Path, marker: Path) -> list[CheckpointCase]:

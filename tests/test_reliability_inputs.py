@@ -1,29 +1,20 @@
 """Bad and unusual inputs (tests/corpus.py): each gives a correct result or one clear error naming
 the file and the reason; a batch goes on past bad files, ends with a summary and a non-zero exit
 code, and never leaves a partial output file behind."""
-import errno
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from corpus import TILE, api_cases, build_files, build_inputs, check_api, check_file, cli_batch, reason_matches
+from corpus import (
+    TILE, WRITE_FAILURES, api_cases, build_files, build_inputs, check_api, check_file, cli_batch, reason_matches,
+    tiny_span, unwritable_folder, write_failures,
+)
 from dsclora.data import load_image
 from dsclora.infer import Upscaler, merge_span
 from dsclora.infer.batch import upscale_image
-from dsclora.models import SPAN
 from dsclora_kernels import spab, spab_reference, spatial_affinity_loss, spatial_affinity_loss_reference
-
-
-def tiny_span(scale: int = 2) -> SPAN:
-    model = SPAN(8, None, scale, form="eval")
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -86,50 +77,22 @@ def test_batch_goes_on_past_bad_files_with_a_summary_and_exit_code_1(corpus, wei
 
 
 def test_an_output_folder_that_cannot_exist_fails_at_once(tmp_path, weights):
-    """Root ignores permission bits, so chmod cannot make a folder unwritable in these tests;
-    a path under a regular file cannot be created by anyone (ENOTDIR)."""
-    save_image_rgb(tmp_path / "a.png")
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    run = cli_batch([str(tmp_path / "a.png")], blocker / "out", weights)
+    run, out = unwritable_folder(tmp_path, weights)
     assert run.code == 2
-    assert f"cannot create the output folder {blocker / 'out'}" in run.stderr and "Not a directory" in run.stderr
-    assert blocker.read_text() == "not a folder"
+    assert f"cannot create the output folder {out}" in run.stderr and "Not a directory" in run.stderr
+    assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
-def save_image_rgb(path: Path, size=(5, 6)) -> None:
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
-
-
-def test_failed_writes_leave_no_partial_file_and_the_batch_goes_on(tmp_path, weights, monkeypatch):
-    """Three targets fail for root too: one is an existing folder (EISDIR on rename), one name is
-    longer than the file system allows (ENAMETOOLONG), one write hits a full disk (simulated)."""
-    src = tmp_path / "in"
-    src.mkdir()
-    names = ["blocked.png", "disk_full.png", "fine.png", "x" * 250 + ".png"]
-    for name in names[:3]:
-        save_image_rgb(src / name)
-    save_image_rgb(tmp_path / names[3])  # 254 bytes: a valid name, but not with the suffix
-    out = tmp_path / "out"
-    (out / "blocked_up.png").mkdir(parents=True)
-    real_save = Image.Image.save
-
-    def save_until_disk_full(image, fp, *args, **kwargs):
-        if "disk_full" in str(fp):
-            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half an image")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(image, fp, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "save", save_until_disk_full)
-    run = cli_batch([str(src), str(tmp_path / names[3])], out, weights, "--suffix", "_up")
+def test_failed_writes_leave_no_partial_file_and_the_batch_goes_on(tmp_path, weights):
+    run = write_failures(tmp_path, weights)
     assert run.code == 1
     assert "1 of 4 inputs upscaled" in run.stderr
-    assert run.outputs == ["blocked_up.png", "fine_up.png"] and (out / "blocked_up.png").is_dir()
+    assert run.outputs == ["blocked_up.png", "fine_up.png"] and (tmp_path / "out" / "blocked_up.png").is_dir()
     assert run.leftovers == []
     reasons = {Path(name).name: reason for name, reason in run.failures.items()}
-    assert "Is a directory" in reasons["blocked.png"]
-    assert "No space left on device" in reasons["disk_full.png"]
-    assert "File name too long" in reasons[names[3]]
+    assert reasons.keys() == WRITE_FAILURES.keys()
+    for name, reason in WRITE_FAILURES.items():
+        assert reason in reasons[name], (name, reasons[name])
 
 
 @pytest.mark.parametrize("case", api_cases(), ids=lambda c: c.name)
