@@ -117,15 +117,16 @@ def _tie_bound(prepared: tuple[_Normalised, _Normalised], precision: str) -> flo
     return (xs.xhat.shape[1] + xt.xhat.shape[1] + 16) * unit
 
 
-def _normalise_backward(g, prepared: _Normalised, eps: float, factor: float) -> torch.Tensor:
-    """∂L/∂F (B, C, N) for x̂ = F / (‖F‖ + eps), given ∂L/∂x̂ = factor · g (B, C, N)."""
+def _input_gradient(f: torch.Tensor, g: torch.Tensor, prepared: _Normalised, eps: float, factor: float):
+    """∂L/∂F (shape and dtype of f) for x̂ = F / (‖F‖ + eps), given ∂L/∂x̂ = factor · g:
+    g/(‖F‖ + eps) − x̂ (x̂ᵀg)/‖F‖ per pixel, computed in place in g (B, C, ld)."""
     n = prepared.norm.shape[-1]
     g, xhat, norm = g[..., :n], prepared.xhat[..., :n], prepared.norm
-    out = g * (factor / (norm + eps)).to(g.dtype)
-    # (x̂ᵀg)·factor/‖F‖, 0 at zero pixels (where x̂ = 0), formed in float64 (B, 1, N)
-    per_norm = torch.where(norm > 0, factor / norm, 0.0)
-    radial = (torch.linalg.vecdot(xhat, g, dim=1).unsqueeze(1) * per_norm).to(g.dtype)
-    return out.addcmul_(xhat, radial, value=-1)
+    per_norm = torch.where(norm > 0, factor / norm, 0.0)  # zero pixels: x̂ = 0, no radial part
+    for b in range(g.shape[0]):  # an image at a time: the x̂ᵀg product is a bounded temporary
+        radial = (torch.linalg.vecdot(xhat[b], g[b], dim=0) * per_norm[b]).to(g.dtype)
+        g[b].mul_((factor / (norm[b] + eps)).to(g.dtype)).addcmul_(xhat[b], radial, value=-1)
+    return g.reshape(f.shape).contiguous().to(f.dtype)
 
 
 def _pass_cpp(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float, isa: str = ""):
@@ -195,13 +196,11 @@ def spatial_affinity_l1(
     batch, n = f_student.shape[0], xs.raw.shape[-1]
     scale = 1.0 / (batch * n * n) if reduction == "mean" else 1.0
     loss = (total * scale).to(torch.result_type(f_student, f_teacher))
-
-    def input_gradient(f, g, prepared, factor):
-        if g is None:
-            return _gradient_or_empty(f, False)
-        return _normalise_backward(g, prepared, eps, factor).view(f.shape).to(f.dtype)
-
-    return loss, input_gradient(f_student, gs, xs, 2 * scale), input_gradient(f_teacher, gt, xt, -2 * scale)
+    # teacher first, then its buffers go: the peak stays near x̂_s + x̂_t + G
+    grad_t = _gradient_or_empty(f_teacher, False) if gt is None else _input_gradient(f_teacher, gt, xt, eps, -2 * scale)
+    del xt, gt
+    grad_s = _gradient_or_empty(f_student, False) if gs is None else _input_gradient(f_student, gs, xs, eps, 2 * scale)
+    return loss, grad_s, grad_t
 
 
 @spatial_affinity_l1.register_fake
