@@ -2,8 +2,8 @@
 // N x N affinity matrices (SPEC §4). Python (dsclora_kernels/affinity.py) normalises the features
 // and applies the loss scale and the normalisation backward; this module does the O(C·N²) part.
 //
-// Inputs: x̂_s (B, Cs, ld) and x̂_t (B, Ct, ld), channel-major, zero beyond N pixels, ld a multiple
-// of ROW_BLOCK. For each image and row block I, one thread sweeps all column tiles J:
+// Inputs: x̂_s (B, Cs, ld) and x̂_t (B, Ct, ld), channel-major, zero beyond N pixels; the row
+// stride ld = leading_dimension(N) covers whole row blocks and is not a multiple of 4 KiB. For each image and row block I, one thread sweeps all column tiles J:
 //   D_IJ = x̂_s[:, I]ᵀ x̂_s[:, J] − x̂_t[:, I]ᵀ x̂_t[:, J]   (micro-tiles in registers)
 //   loss += Σ|D_IJ|;   sign(D_IJ) -> a small tile (L1);   G[:, I] += x̂[:, J] sign(D_IJ)ᵀ
 // so that ∂Σ|D|/∂x̂_s = 2 G_s and ∂Σ|D|/∂x̂_t = −2 G_t (D is symmetric). Zero (padding) pixels
@@ -31,6 +31,12 @@ namespace dsclora::affinity {
 constexpr int64_t kRowBlock = 64;      // rows per work item: a multiple of every micro-tile's rows
 constexpr int64_t kColumnTile = 128;   // columns per sign tile (128 x 64 floats = 32 KiB)
 
+int64_t row_blocks(int64_t n) { return (n + kRowBlock - 1) / kRowBlock; }
+
+// Row stride of the channel-major operands: whole row blocks plus one cache line, so that the
+// channel rows of a tile do not all map to the same L1 set (a power-of-two N would: 4 KiB apart).
+int64_t leading_dimension(int64_t n) { return row_blocks(n) * kRowBlock + 16; }
+
 struct Problem {
   const void *xs, *xt;  // x̂ (B, C, ld)
   void *gs, *gt;        // G (B, C, ld) or null: gradient not wanted
@@ -49,7 +55,7 @@ struct Image {
   T *gs, *gt;
   const T *fs, *ft;
   const double *rs, *rt;
-  int64_t cs, ct, ld, n;
+  int64_t cs, ct, ld, n, width;  // width: pixels visited (whole row blocks, zero beyond n)
   T tie_bound;  // |D| below this may have the wrong sign in T; 0: no refinement
 };
 
@@ -67,7 +73,7 @@ Image<T> image(const Problem& p, int64_t b) {
                   exact ? at(p.ft, p.ct * p.n) : nullptr,
                   exact ? p.rs + b * p.n : nullptr,
                   exact ? p.rt + b * p.n : nullptr,
-                  p.cs, p.ct, p.ld, p.n, static_cast<T>(p.tie_bound)};
+                  p.cs, p.ct, p.ld, p.n, row_blocks(p.n) * kRowBlock, static_cast<T>(p.tie_bound)};
 }
 
 // D_ij in float64 from the raw features and inverse norms. S and T go through identical
@@ -135,7 +141,7 @@ double run(const Problem& p, const std::string& isa) {
 double affinity_l1(uintptr_t xs, uintptr_t xt, uintptr_t gs, uintptr_t gt, uintptr_t fs, uintptr_t ft, uintptr_t rs,
                    uintptr_t rt, int64_t batch, int64_t cs, int64_t ct, int64_t ld, int64_t n, double tie_bound,
                    bool is_double, int threads, const std::string& isa) {
-  if (ld % kRowBlock != 0 || n > ld) throw std::invalid_argument("affinity_l1: need n <= ld and ld a multiple of ROW_BLOCK");
+  if (ld < row_blocks(n) * kRowBlock) throw std::invalid_argument("affinity_l1: ld must be >= leading_dimension(n) - 16");
   if (batch < 0 || cs < 1 || ct < 1) throw std::invalid_argument("affinity_l1: need batch >= 0 and channels >= 1");
   if (tie_bound > 0 && (!fs || !ft || !rs || !rt))
     throw std::invalid_argument("affinity_l1: tie_bound > 0 needs the raw features and inverse norms");
@@ -155,14 +161,15 @@ double affinity_l1(uintptr_t xs, uintptr_t xt, uintptr_t gs, uintptr_t gt, uintp
 PYBIND11_MODULE(_affinity, m) {
   using namespace dsclora::affinity;
   m.doc() = "Blockwise spatial-affinity L1 loss and gradient (CPU, no N x N buffer)";
-  m.attr("ROW_BLOCK") = kRowBlock;
+  m.def("leading_dimension", &leading_dimension, py::arg("n"),
+        "Row stride (elements) of the (B, C, ld) operands for n pixels; zero-fill beyond n");
   m.def("supported_isas", &supported_isas, "Instruction sets usable on this CPU, best first");
   m.def("affinity_l1", &affinity_l1, py::arg("xs"), py::arg("xt"), py::arg("gs"), py::arg("gt"), py::arg("fs"),
         py::arg("ft"), py::arg("rs"), py::arg("rt"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("ld"),
         py::arg("n"), py::arg("tie_bound"), py::arg("is_double"), py::arg("threads"), py::arg("isa") = "",
         py::call_guard<py::gil_scoped_release>(),
         "Σ|S−T| over all images and pixel pairs from normalised channel-major features x̂ (B, C, ld), "
-        "zero beyond n; fills G = Σ_j sign(D_ij) x̂_j into gs / gt (zeroed, same layout) when non-zero; "
+        "ld = leading_dimension(n), zero beyond n; fills G = Σ_j sign(D_ij) x̂_j into gs / gt (zeroed, same layout) when non-zero; "
         "tie_bound > 0 makes the signs exact (float64 recomputation from the raw features fs / ft (B, C, n) "
         "and inverse norms rs / rt (B, n) float64). Addresses are data_ptr()s, 0 for none. "
         "isa='' picks the best supported instruction set.");

@@ -169,9 +169,9 @@ double row_block(const Image<T>& im, int64_t i_begin, T* signs) {
   const bool upper = !im.gs && !im.gt;
   double total = 0;
   int64_t j0 = upper ? i_begin : 0;
-  while (j0 < im.ld) {
+  while (j0 < im.width) {
     const bool diagonal = upper && j0 == i_begin;
-    const int64_t columns = diagonal ? kRowBlock : std::min(kColumnTile, im.ld - j0);
+    const int64_t columns = diagonal ? kRowBlock : std::min(kColumnTile, im.width - j0);
     const double weight = upper && !diagonal ? 2.0 : 1.0;
     total += weight * difference_columns<T, kTileColumns>(im, i_begin, j0, columns, upper ? nullptr : signs);
     if (im.gs) gradient_columns<T, kTileChannels>(im.xs, im.cs, im.ld, 0, i_begin, j0, columns, signs, im.gs);
@@ -186,7 +186,7 @@ double row_block(const Image<T>& im, int64_t i_begin, T* signs) {
 // each owns its rows of G and its loss slot, so the result is independent of the thread count.
 template <typename T>
 double run(const Problem& p) {
-  const int64_t blocks = p.ld / kRowBlock, items = p.batch * blocks;
+  const int64_t blocks = row_blocks(p.n), items = p.batch * blocks;
   const bool upper = !p.gs && !p.gt;
   std::vector<double> partial(items, 0.0);
   parallel_for(items, p.threads, [&](int64_t begin, int64_t end) {

@@ -87,12 +87,12 @@ class _Normalised(NamedTuple):
         return (1.0 / (self.norm + eps)).squeeze(1).contiguous()
 
 
-def _normalise(f: torch.Tensor, eps: float, dtype: torch.dtype, pad_to: int) -> _Normalised:
-    """x̂ = F / (‖F‖ + eps) per pixel in ``dtype``; ld = N rounded up to ``pad_to``."""
+def _normalise(f: torch.Tensor, eps: float, dtype: torch.dtype, ld: int | None = None) -> _Normalised:
+    """x̂ = F / (‖F‖ + eps) per pixel in ``dtype``, rows of ``ld`` ≥ N elements (default N)."""
     raw = f.flatten(2).to(dtype).contiguous()
     batch, channels, n = raw.shape
     norm = raw.new_empty(batch, 1, n, dtype=torch.float64)
-    xhat = raw.new_empty(batch, channels, -(-n // pad_to) * pad_to)
+    xhat = raw.new_empty(batch, channels, ld or n)
     xhat[..., n:].zero_()
     # In float64, an image at a time (a bounded temporary), so x̂ is correctly rounded: a rounded
     # 1 / (‖F‖ + eps) would scale a whole pixel by one shared error, a bias that does not average
@@ -130,7 +130,7 @@ def _input_gradient(f: torch.Tensor, g: torch.Tensor, prepared: _Normalised, eps
 
 
 def _pass_cpp(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float, isa: str = ""):
-    """Σ|S − T| and G_s, G_t (or None) with the C++ kernel; x̂ padded to its ROW_BLOCK."""
+    """Σ|S − T| and G_s, G_t (or None) with the C++ kernel; x̂ rows of its leading_dimension(N)."""
     gs = torch.zeros_like(xs.xhat) if grad_s else None
     gt = torch.zeros_like(xt.xhat) if grad_t else None
     tie_bound = _tie_bound((xs, xt), precision) if grad_s or grad_t else 0.0
@@ -189,11 +189,12 @@ def spatial_affinity_l1(
     """(loss, ∂loss/∂f_student, ∂loss/∂f_teacher) of the p = 1 affinity loss; a gradient that
     was not asked for is an empty tensor. Use ``spatial_affinity_loss``, which sets the flags."""
     backend = _dispatch.choose(OP, EXTENSION, f_student.device)
-    pad_to = _extension.load(EXTENSION).ROW_BLOCK if backend == "cpp" else 1
+    n = f_student.shape[2] * f_student.shape[3]
+    ld = _extension.load(EXTENSION).leading_dimension(n) if backend == "cpp" else n
     dtype = _compute_dtype(f_student, f_teacher)
-    xs, xt = _normalise(f_student, eps, dtype, pad_to), _normalise(f_teacher, eps, dtype, pad_to)
+    xs, xt = _normalise(f_student, eps, dtype, ld), _normalise(f_teacher, eps, dtype, ld)
     total, gs, gt = _PASSES[backend](xs, xt, grad_student, grad_teacher, precision, eps)
-    batch, n = f_student.shape[0], xs.raw.shape[-1]
+    batch = f_student.shape[0]
     scale = 1.0 / (batch * n * n) if reduction == "mean" else 1.0
     loss = (total * scale).to(torch.result_type(f_student, f_teacher))
     # teacher first, then its buffers go: the peak stays near x̂_s + x̂_t + G

@@ -232,10 +232,10 @@ def test_instruction_sets_agree():
         pytest.skip(_extension.status("affinity"))
     for dtype in (torch.float32, torch.float64):
         student, teacher = features(2, 26, 28, 9, 13, dtype=dtype)
-        prepared = [affinity._normalise(f.detach(), 1e-8, dtype, module.ROW_BLOCK) for f in (student, teacher)]
-        unpadded = [affinity._normalise(f.detach(), 1e-8, dtype, 1) for f in (student, teacher)]
-        total, gs, gt = affinity._pass_reference(*unpadded, True, True, "ieee", 1e-8)
         n = student.shape[2] * student.shape[3]
+        prepared = [affinity._normalise(f.detach(), 1e-8, dtype, module.leading_dimension(n)) for f in (student, teacher)]
+        unpadded = [affinity._normalise(f.detach(), 1e-8, dtype) for f in (student, teacher)]
+        total, gs, gt = affinity._pass_reference(*unpadded, True, True, "ieee", 1e-8)
         for isa in module.supported_isas():
             got_total, got_gs, got_gt = affinity._pass_cpp(*prepared, True, True, "ieee", 1e-8, isa=isa)
             assert abs(got_total.item() - total.item()) <= 1e-6 * total.item(), isa
