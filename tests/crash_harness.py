@@ -140,7 +140,7 @@ def _child(config: Path, run_dir: Path, resume: bool, out_fd: int, pause_on: str
 
     checkpoint.atomic_write, checkpoint.save, Trainer.step = reporting_atomic_write, reporting_save, reporting_step
     stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         code = main(["train", "--config", str(config), f"run_dir={run_dir}", *(["--resume"] if resume else [])])
     for line in stderr.getvalue().splitlines():
         emit(f"stderr {line}")
