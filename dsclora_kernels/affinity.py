@@ -43,7 +43,7 @@ def spatial_affinity_loss(
     if p == 2:
         dtype = _compute_dtype(f_student, f_teacher)
         loss = squared_affinity_loss(f_student, f_teacher, reduction=reduction, eps=eps, dtype=dtype)
-        return loss.to(torch.promote_types(f_student.dtype, f_teacher.dtype))
+        return loss.to(_result_dtype(f_student, f_teacher))
     grad = torch.is_grad_enabled()
     loss, _, _ = spatial_affinity_l1(
         f_student, f_teacher, reduction, eps, precision, grad and f_student.requires_grad, grad and f_teacher.requires_grad
@@ -73,6 +73,10 @@ def _check_arguments(f_student, f_teacher, reduction, p, precision) -> None:
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _result_dtype(f_student: torch.Tensor, f_teacher: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(f_student.dtype, f_teacher.dtype)
 
 
 class _Normalised(NamedTuple):
@@ -133,7 +137,7 @@ def _pass_cpp(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, prec
     """Σ|S − T| and G_s, G_t (or None) with the C++ kernel; x̂ rows of its leading_dimension(N)."""
     gs = torch.zeros_like(xs.xhat) if grad_s else None
     gt = torch.zeros_like(xt.xhat) if grad_t else None
-    tie_bound = _tie_bound((xs, xt), precision) if grad_s or grad_t else 0.0
+    tie_bound = _tie_bound((xs, xt), "ieee") if grad_s or grad_t else 0.0  # always exact float32 here
     rs, rt = (xs.inverse_norm(eps), xt.inverse_norm(eps)) if tie_bound else (None, None)
 
     def address(t):
@@ -172,10 +176,6 @@ def _pass_reference(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool
 _PASSES = {"cpp": _pass_cpp, "triton": _pass_triton, "reference": _pass_reference}
 
 
-def _gradient_or_empty(f: torch.Tensor, wanted: bool) -> torch.Tensor:
-    return f.new_empty(f.shape) if wanted else f.new_empty(0)
-
-
 @torch.library.custom_op("dsclora::spatial_affinity_l1", mutates_args=())
 def spatial_affinity_l1(
     f_student: torch.Tensor,
@@ -196,18 +196,21 @@ def spatial_affinity_l1(
     total, gs, gt = _PASSES[backend](xs, xt, grad_student, grad_teacher, precision, eps)
     batch = f_student.shape[0]
     scale = 1.0 / (batch * n * n) if reduction == "mean" else 1.0
-    loss = (total * scale).to(torch.result_type(f_student, f_teacher))
+    loss = (total * scale).to(_result_dtype(f_student, f_teacher))
     # teacher first, then its buffers go: the peak stays near x̂_s + x̂_t + G
-    grad_t = _gradient_or_empty(f_teacher, False) if gt is None else _input_gradient(f_teacher, gt, xt, eps, -2 * scale)
+    grad_t = f_teacher.new_empty(0) if gt is None else _input_gradient(f_teacher, gt, xt, eps, -2 * scale)
     del xt, gt
-    grad_s = _gradient_or_empty(f_student, False) if gs is None else _input_gradient(f_student, gs, xs, eps, 2 * scale)
+    grad_s = f_student.new_empty(0) if gs is None else _input_gradient(f_student, gs, xs, eps, 2 * scale)
     return loss, grad_s, grad_t
 
 
 @spatial_affinity_l1.register_fake
 def _(f_student, f_teacher, reduction, eps, precision, grad_student, grad_teacher):
-    loss = f_student.new_empty((), dtype=torch.result_type(f_student, f_teacher))
-    return loss, _gradient_or_empty(f_student, grad_student), _gradient_or_empty(f_teacher, grad_teacher)
+    def gradient(f, wanted):
+        return f.new_empty(f.shape) if wanted else f.new_empty(0)
+
+    loss = f_student.new_empty((), dtype=_result_dtype(f_student, f_teacher))
+    return loss, gradient(f_student, grad_student), gradient(f_teacher, grad_teacher)
 
 
 def _setup_context(ctx, inputs, output):
@@ -218,10 +221,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_s, _grad_t):
     grad_s, grad_t = ctx.saved_tensors
-    for index, (needed, computed) in enumerate(((ctx.needs_input_grad[0], ctx.grad_student),
-                                                (ctx.needs_input_grad[1], ctx.grad_teacher))):
-        if needed and not computed:
-            raise RuntimeError(f"spatial_affinity_l1: input {index} needs a gradient the forward was told not to compute")
+    if (ctx.needs_input_grad[0] and not ctx.grad_student) or (ctx.needs_input_grad[1] and not ctx.grad_teacher):
+        raise RuntimeError("spatial_affinity_l1: an input needs a gradient the forward was told not to compute "
+                           "(call spatial_affinity_loss, which sets grad_student / grad_teacher)")
     return (
         grad_s * grad_loss.to(grad_s.dtype) if ctx.grad_student else None,
         grad_t * grad_loss.to(grad_t.dtype) if ctx.grad_teacher else None,

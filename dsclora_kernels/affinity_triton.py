@@ -9,10 +9,11 @@ the raw features, in the tiles that have any, so every sign is exact.
 Channels are padded to a power of two (≥ 16, the smallest ``tl.dot`` size) inside the kernel.
 
 Precision of the float32 products (``precision``, the ``input_precision`` of ``tl.dot``):
-``"ieee"`` exact fp32 FMAs (default); ``"tf32x3"`` three TF32 tensor-core products, error
-≈ fp32; ``"tf32"`` one TF32 product: operands rounded to 10 mantissa bits, entries of S and T
-off by up to ≈ 1e-3 · C relative, so the loss is off by ~1e-4 relative and signs flip wherever
-|S − T| is below that. (Estimates; the interpreter computes every mode in exact fp32.)
+``"ieee"`` exact fp32 FMAs on CUDA cores (default); ``"tf32x3"`` three TF32 tensor-core products,
+≈ 4x the fp32 rounding (its tie bound is 4x wider); ``"tf32"`` one TF32 product: 10-bit mantissas,
+≈ 5e-4 relative per product, so S and T entries are off by up to ~C·5e-4 (typically √C·5e-4):
+signs flip wherever |S − T| is below that (no tie refinement) and the loss is biased by those
+entries. These are derived, not measured: the interpreter computes every mode in exact fp32.
 """
 import torch
 
@@ -24,7 +25,6 @@ try:
 except ImportError:  # dispatch never chooses "triton" without it (_dispatch.triton_status)
     triton = None
 
-PRECISIONS = ("ieee", "tf32x3", "tf32")
 #: Row block under the interpreter (autotuning is bypassed there); its column block is half of it,
 #: so the rectangular-tile logic is what CI tests.
 INTERPRETER_BLOCK = 64
