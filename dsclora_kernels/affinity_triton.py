@@ -72,7 +72,7 @@ if triton is not None:
         # (BLOCK, C_PAD) row panels; padded channels and pixels load as 0 and contribute nothing
         xs_i = tl.load(XS + cs[None, :] * N + rows[:, None], mask=(cs[None, :] < CS) & row_ok[:, None], other=0.0)
         xt_i = tl.load(XT + ct[None, :] * N + rows[:, None], mask=(ct[None, :] < CT) & row_ok[:, None], other=0.0)
-        loss = tl.zeros((BLOCK_I,), dtype)
+        loss = tl.zeros((BLOCK_I,), tl.float64)  # up to N / BLOCK_J tile sums per row
         gs = tl.zeros((BLOCK_I, CS_PAD), dtype)
         gt = tl.zeros((BLOCK_I, CT_PAD), dtype)
         start = 0
@@ -92,10 +92,10 @@ if triton is not None:
                     exact -= _exact_affinity(FT, RT, CT, N, rows, cols, BLOCK_I, BLOCK_J)
                     d = tl.where(tie, exact.to(dtype), d)
             if GRAD_S or GRAD_T:
-                loss += tl.sum(tl.abs(d), axis=1)
+                loss += tl.sum(tl.abs(d), axis=1).to(tl.float64)
             else:  # pairs inside the diagonal square once (both orders are in it), the rest twice
                 weight = tl.where(cols < (block + 1) * BLOCK_I, 1.0, 2.0).to(dtype)
-                loss += tl.sum(tl.abs(d) * weight[None, :], axis=1)
+                loss += tl.sum(tl.abs(d) * weight[None, :], axis=1).to(tl.float64)
             sign = (tl.where(d > 0, 1.0, 0.0) - tl.where(d < 0, 1.0, 0.0)).to(dtype)
             if GRAD_S:
                 gs = tl.dot(sign, tl.trans(xs_j), gs, input_precision=PRECISION)
@@ -131,7 +131,7 @@ def affinity_l1_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_b
     gt = torch.empty_like(xt.xhat) if grad_t else xt.xhat.new_empty(1)
     rs, rt = (xs.inverse_norm(eps), xt.inverse_norm(eps)) if tie_bound > 0 else (gs, gt)  # unused unless exact
     # Σ_j |D_ij| per row i: every config writes all of it (autotuning runs several on one buffer)
-    row_loss = xs.xhat.new_empty(batch, n)
+    row_loss = xs.xhat.new_empty(batch, n, dtype=torch.float64)
     args = (xs.xhat, xt.xhat, gs, gt, xs.raw, xt.raw, rs, rt, row_loss, n, cs, ct, tie_bound)
     meta = dict(CS_PAD=_padded_channels(cs), CT_PAD=_padded_channels(ct), GRAD_S=grad_s, GRAD_T=grad_t,
                 PRECISION=precision, EXACT_SIGNS=tie_bound > 0)
@@ -140,4 +140,4 @@ def affinity_l1_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_b
         _affinity_l1_kernel[grid](*args, BLOCK_I=INTERPRETER_BLOCK, BLOCK_J=INTERPRETER_BLOCK // 2, **meta)
     else:
         _autotuned_kernel[lambda cfg: (triton.cdiv(n, cfg["BLOCK_I"]), batch)](*args, **meta)
-    return row_loss.sum(dtype=torch.float64), gs if grad_s else None, gt if grad_t else None
+    return row_loss.sum(), gs if grad_s else None, gt if grad_t else None
