@@ -8,11 +8,20 @@ export DSCLORA_SHARED="${DSCLORA_SHARED:-$(pwd)/../shared}"
 WANTED="$*"
 want() { [ -z "$WANTED" ] || [[ " $WANTED " == *" $1 "* ]]; }
 status=0
+# Tests run from tests/ so that they import the installed package (with its compiled kernels),
+# and with Triton compiled for the GPU (no TRITON_INTERPRET).
+unset TRITON_INTERPRET
+gpu_pytest() { (cd tests && python -m pytest -q -p no:cacheprovider "$@"); }
+
+echo "== install: pip install --no-build-isolation --no-deps . =="
+pip install -q --no-build-isolation --no-deps . || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python -m dsclora info
 
 # ==== infer: dsclora.infer / dsclora infer (fused merged-weight inference) ====================
 if want infer; then
   echo "== infer: tests (CUDA fp32 == reference, fp16 Set5 PSNR, tiling) =="
-  python -m pytest -q tests/test_infer.py -k "cuda or tiles or dscf" || status=1
+  gpu_pytest test_infer.py -k "cuda or tiles or dscf" || status=1
   echo "== infer: DIV2K-size LR 1x3x339x510 x4: eager fp16/fp32, torch.compile(max-autotune) fp16, dsclora.infer =="
   python bench/bench_infer.py --device cuda || status=1
 fi
@@ -21,22 +30,18 @@ fi
 # ==== spab: the fused SPAB op dsclora_kernels.spab (Triton forward + recompute backward) =========
 if want spab; then
   echo "== spab: CUDA tests (fp32/fp16/bf16 forward == reference, fp32 gradients, opcheck, compile) =="
-  python -m pytest -q tests/test_spab.py -k cuda || status=1
+  gpu_pytest test_spab.py -k cuda || status=1
   echo "== spab: 1x26x512x512 fp16: eager (cuDNN NCHW / channels_last), torch.compile, fused; fwd+bwd, memory =="
-  PYTHONPATH=. python bench/bench_spab.py --device cuda || status=1
+  python bench/bench_spab.py --device cuda || status=1
 fi
 # ==== end spab =================================================================================
 
 # ==== affinity: dsclora_kernels.spatial_affinity_loss (blockwise Triton loss + gradient) ========
-# Installed first (builds the C++ kernels too); tests and bench run outside the source tree so
-# they import the installed package, with Triton compiled for the GPU (no TRITON_INTERPRET).
 if want affinity; then
-  echo "== affinity: pip install --no-build-isolation --no-deps . =="
-  pip install -q --no-build-isolation --no-deps . || status=1
   echo "== affinity: tests (triton-cuda vs float64 reference, real SPAN features, gradcheck, opcheck, compile; cpp) =="
-  (cd tests && env -u TRITON_INTERPRET python -m pytest -q -p no:cacheprovider test_affinity.py) || status=1
+  gpu_pytest test_affinity.py || status=1
   echo "== affinity: B=8, Cs=26, Ct=28, H=W 32..256: naive vs fused fwd+bwd per precision, memory, TFLOP/s =="
-  env -u TRITON_INTERPRET python bench/bench_affinity.py --device cuda || status=1
+  python bench/bench_affinity.py --device cuda || status=1
 fi
 # ==== end affinity =============================================================================
 
@@ -54,8 +59,8 @@ if want sanitizer; then
                     "tests/test_properties.py::-k triton"; do
         file="${subset%%::*}"; selection="${subset#*::-k }"
         echo "== sanitizer: $tool: $file -k '$selection' =="
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 600 env -u TRITON_INTERPRET "$SANITIZER" --tool "$tool" --error-exitcode 99 \
-          --print-limit 20 python -m pytest -q -p no:cacheprovider "$file" -k "$selection"
+        (cd tests && PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 "$SANITIZER" --tool "$tool" \
+          --error-exitcode 99 --print-limit 20 python -m pytest -q -p no:cacheprovider "${file#tests/}" -k "$selection")
         code=$?
         case $code in
           0) ;;
