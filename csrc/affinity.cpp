@@ -3,7 +3,8 @@
 // and applies the loss scale and the normalisation backward; this module does the O(C·N²) part.
 //
 // Inputs: x̂_s (B, Cs, ld) and x̂_t (B, Ct, ld), channel-major, zero beyond N pixels; the row
-// stride ld = leading_dimension(N) covers whole row blocks and is not a multiple of 4 KiB. For each image and row block I, one thread sweeps all column tiles J:
+// stride ld = leading_dimension(N) covers whole row blocks and is not a multiple of 4 KiB.
+// For each image and row block I, one thread sweeps all column tiles J:
 //   D_IJ = x̂_s[:, I]ᵀ x̂_s[:, J] − x̂_t[:, I]ᵀ x̂_t[:, J]   (micro-tiles in registers)
 //   loss += Σ|D_IJ|;   sign(D_IJ) -> a small tile (L1);   G[:, I] += x̂[:, J] sign(D_IJ)ᵀ
 // so that ∂Σ|D|/∂x̂_s = 2 G_s and ∂Σ|D|/∂x̂_t = −2 G_t (D is symmetric). Zero (padding) pixels
@@ -141,7 +142,7 @@ double run(const Problem& p, const std::string& isa) {
 double affinity_l1(uintptr_t xs, uintptr_t xt, uintptr_t gs, uintptr_t gt, uintptr_t fs, uintptr_t ft, uintptr_t rs,
                    uintptr_t rt, int64_t batch, int64_t cs, int64_t ct, int64_t ld, int64_t n, double tie_bound,
                    bool is_double, int threads, const std::string& isa) {
-  if (ld < row_blocks(n) * kRowBlock) throw std::invalid_argument("affinity_l1: ld must be >= leading_dimension(n) - 16");
+  if (ld < row_blocks(n) * kRowBlock) throw std::invalid_argument("affinity_l1: ld must cover whole row blocks: use leading_dimension(n)");
   if (batch < 0 || cs < 1 || ct < 1) throw std::invalid_argument("affinity_l1: need batch >= 0 and channels >= 1");
   if (tie_bound > 0 && (!fs || !ft || !rs || !rt))
     throw std::invalid_argument("affinity_l1: tie_bound > 0 needs the raw features and inverse norms");
@@ -169,7 +170,8 @@ PYBIND11_MODULE(_affinity, m) {
         py::arg("n"), py::arg("tie_bound"), py::arg("is_double"), py::arg("threads"), py::arg("isa") = "",
         py::call_guard<py::gil_scoped_release>(),
         "Σ|S−T| over all images and pixel pairs from normalised channel-major features x̂ (B, C, ld), "
-        "ld = leading_dimension(n), zero beyond n; fills G = Σ_j sign(D_ij) x̂_j into gs / gt (zeroed, same layout) when non-zero; "
+        "ld = leading_dimension(n), zero beyond n; fills G = Σ_j sign(D_ij) x̂_j into gs / gt (zeroed, same "
+        "layout) when non-zero; "
         "tie_bound > 0 makes the signs exact (float64 recomputation from the raw features fs / ft (B, C, n) "
         "and inverse norms rs / rt (B, n) float64). Addresses are data_ptr()s, 0 for none. "
         "isa='' picks the best supported instruction set.");
