@@ -22,6 +22,8 @@ import torch
 
 logger = logging.getLogger("dsclora")
 
+STANDARD_IMG_RANGE = 255.0
+
 DISCLAIMER = ("These are demonstration numbers: tiny models trained for seconds on synthetic "
               "images. They show that the pipeline works, not what DSCLoRA achieves.")
 
@@ -30,9 +32,9 @@ DISCLAIMER = ("These are demonstration numbers: tiny models trained for seconds 
 class PretrainSettings:
     channels: int
     iterations: int
-    patch_size: int = 64     # HR
-    batch_size: int = 8
-    lr: float = 1e-3
+    patch_size: int = 128    # HR
+    batch_size: int = 2
+    lr: float = 3e-4
 
 
 @dataclass
@@ -49,10 +51,10 @@ class DemoSettings:
     held_out_images: int = 8
     image_size: int = 192
     base_pretrain: PretrainSettings = field(default_factory=lambda: PretrainSettings(12, 250))
-    teacher_pretrain: PretrainSettings = field(default_factory=lambda: PretrainSettings(24, 250))
-    stage_one: tuple[int, int, int] = (100, 64, 8)    # iterations, HR patch, batch
+    teacher_pretrain: PretrainSettings = field(default_factory=lambda: PretrainSettings(24, 400))
+    stage_one: tuple[int, int, int] = (100, 128, 2)   # iterations, HR patch, batch
     stage_two: tuple[int, int, int] = (12, 192, 2)
-    finetune_lr: float = 5e-4
+    finetune_lr: float = 2e-4
 
 
 @dataclass
@@ -111,19 +113,36 @@ def bicubic_taps(scale: int) -> np.ndarray:
     return rows / rows.sum(axis=1, keepdims=True)
 
 
+def fit_linear_upsampler(pairs, scale: int, mean) -> np.ndarray:
+    """(scale², 3, 3) least-squares kernels: the best linear 3x3-support x``scale`` upsampler
+    (same kernel for each colour, applied to the image minus ``mean``) for benchmark ``pairs``."""
+    mean = np.asarray(mean, dtype=np.float64)
+    inputs, targets = [], []
+    for pair in pairs:
+        lr, hr = pair.lr / 255 - mean, pair.hr / 255 - mean
+        h, w = lr.shape[:2]
+        windows = [lr[1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        inputs.append(np.stack(windows, axis=-1).reshape(-1, 9))  # rows: (LR pixel, colour)
+        blocks = hr[scale:(h - 1) * scale, scale:(w - 1) * scale].reshape(h - 2, scale, w - 2, scale, -1)
+        targets.append(blocks.transpose(0, 2, 4, 1, 3).reshape(-1, scale * scale))
+    taps, *_ = np.linalg.lstsq(np.concatenate(inputs), np.concatenate(targets), rcond=None)
+    return taps.T.reshape(scale * scale, 3, 3)
+
+
 @torch.no_grad()
-def interpolation_init(model) -> None:
+def interpolation_init(model, kernels: np.ndarray | None = None) -> None:
     """Make an eval-form SPAN start as (3-tap) bicubic upscaling, so that a few hundred CPU
     iterations train a residual on top of it instead of learning interpolation from scratch.
 
     conv_1 passes the input (minus the mean) to its first channels, conv_cat routes them to its
     first channels and upsampler.0 applies the bicubic sub-pixel weights; the upsampler's other
-    inputs start at 0. conv_1's other filters are scaled by 1/img_range so that every feature
-    starts at O(1) despite SPAN's x255 input scaling.
+    inputs start at 0, the rest of the network keeps its random init. conv_1's random filters
+    produce features of the size a standard SPAN (x255 input) has at init whatever ``img_range``:
+    SPAB's gate (sigmoid(o3) − 0.5) · (o3 + x) needs them large, or the blocks' outputs vanish.
     """
     s, c_in = model.upscale, model.in_channels
     conv_1, up = model.conv_1.eval_conv, model.upsampler[0]
-    conv_1.weight /= model.img_range
+    conv_1.weight *= STANDARD_IMG_RANGE / model.img_range  # features at the scale SPAB expects
     conv_1.weight[:c_in] = 0
     conv_1.bias[:c_in] = 0
     model.conv_cat.weight[:c_in] = 0
@@ -131,25 +150,47 @@ def interpolation_init(model) -> None:
     for c in range(c_in):
         conv_1.weight[c, c, 1, 1] = 1 / model.img_range
         model.conv_cat.weight[c, c] = 1
-    taps = torch.from_numpy(bicubic_taps(s)).to(up.weight.dtype)
-    kernels = torch.einsum("ay,bx->abyx", taps, taps).reshape(s * s, 3, 3)
+    if kernels is None:
+        taps = bicubic_taps(s)
+        kernels = np.einsum("ay,bx->abyx", taps, taps).reshape(s * s, 3, 3)
+    kernels = torch.from_numpy(kernels).to(up.weight.dtype)
     up.weight.zero_()
     for c in range(c_in):  # PixelShuffle: channel c·s² + a·s + b -> colour c, sub-pixel (a, b)
         up.weight[c * s * s:(c + 1) * s * s, c] = kernels
     up.bias.copy_(model.mean.flatten().repeat_interleave(s * s))
 
 
+@torch.no_grad()
+def with_img_range(model, img_range: float = STANDARD_IMG_RANGE):
+    """An equal eval-form SPAN whose input scaling is ``img_range`` (conv_1's weight rescaled).
+
+    SPAN multiplies its input by 255; with Adam's scale-free steps that makes conv_1 move 255x
+    too fast in short from-scratch training, so the demo pretrains with img_range = 1 and
+    converts to the standard layout afterwards (exact: conv_1 is linear in its input).
+    """
+    from dsclora.models import SPAN
+
+    out = SPAN(model.feature_channels, model.cat_channels, model.upscale, model.in_channels,
+               model.out_channels, img_range=img_range, rgb_mean=tuple(model.mean.flatten().tolist()),
+               form="eval")
+    state = model.state_dict()
+    state["conv_1.eval_conv.weight"] = state["conv_1.eval_conv.weight"] * (model.img_range / img_range)
+    out.load_state_dict(state)
+    return out.eval()
+
+
 def pretrain_span(p: PretrainSettings, train_dir: Path, scale: int, seed: int, device: torch.device,
-                  workers: int) -> tuple["torch.nn.Module", list[float]]:
-    """A SPAN(p.channels) trained from scratch with L1 (Adam, cosine schedule); (model, losses)."""
+                  workers: int, kernels: np.ndarray | None = None) -> tuple["torch.nn.Module", list[float]]:
+    """A standard SPAN(p.channels) trained with L1 (Adam, cosine schedule) from an interpolation
+    start (``kernels``, see ``interpolation_init``); returns (model, losses)."""
     from torch.utils.data import DataLoader
 
     from dsclora.models import SPAN
     from dsclora.train.data import IterationSampler, PatchDataset, find_images
 
     torch.manual_seed(seed)
-    model = SPAN(p.channels, upscale=scale, form="eval")  # plain 3x3 convs: fastest to train
-    interpolation_init(model)
+    model = SPAN(p.channels, upscale=scale, img_range=1.0, form="eval")  # plain 3x3 convs: fastest
+    interpolation_init(model, kernels)
     model.to(device).train()
     dataset = PatchDataset(find_images([str(train_dir)], [], scale), scale, p.patch_size, seed)
     loader = DataLoader(dataset, batch_size=p.batch_size, num_workers=workers,
@@ -164,14 +205,16 @@ def pretrain_span(p: PretrainSettings, train_dir: Path, scale: int, seed: int, d
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    return model.eval(), losses
+    return with_img_range(model.cpu()), losses
 
 
 def prepare_models(settings: DemoSettings, train_dir: Path, device: torch.device) -> tuple[Path, Path, dict]:
     """(base checkpoint, teacher checkpoint, pretraining loss curves)."""
+    from dsclora.evaluation import load_pairs
     from dsclora.export import export
+    from dsclora.models.span import DEFAULT_RGB_MEAN
 
-    curves, paths = {}, {}
+    curves, paths, kernels = {}, {}, None
     for role, given, p, seed in (("base", settings.base, settings.base_pretrain, settings.seed),
                                  ("teacher", settings.teacher, settings.teacher_pretrain, settings.seed + 1)):
         if given is not None:
@@ -179,10 +222,13 @@ def prepare_models(settings: DemoSettings, train_dir: Path, device: torch.device
             _say(f"{role}: {given}")
             continue
         start = time.perf_counter()
-        model, losses = pretrain_span(p, train_dir, settings.scale, seed, device, settings.workers)
+        if kernels is None:
+            kernels = fit_linear_upsampler(load_pairs(train_dir, None, settings.scale), settings.scale,
+                                           DEFAULT_RGB_MEAN)
+        model, losses = pretrain_span(p, train_dir, settings.scale, seed, device, settings.workers, kernels)
         paths[role] = export(model.cpu(), "official", settings.out / "models" / f"{role}_x{settings.scale}.pth")
         curves[f"{role} pretrain L1"] = (list(range(1, len(losses) + 1)), losses)
-        _say(f"{role}: SPAN C={p.channels} x{settings.scale} pretrained from scratch with L1 for "
+        _say(f"{role}: SPAN C={p.channels} x{settings.scale} pretrained from a linear start with L1 for "
              f"{p.iterations} iterations ({time.perf_counter() - start:.0f} s) -> {paths[role]}")
     return paths["base"], paths["teacher"], curves
 
@@ -197,25 +243,25 @@ def affinity_memory(batch: int, lr_patch: int, channels: tuple[int, int], layers
     return naive, fused
 
 
-def finetune_config(settings: DemoSettings, base: Path, teacher: Path, train_dir: Path, held_dir: Path):
+def finetune_config(settings: DemoSettings, base: Path, teacher: Path, train_dir: Path):
+    """The trainer configuration of the fine-tune (the demo evaluates the result itself)."""
     from dsclora.train.config import StageConfig, TrainConfig, validate
 
     config = TrainConfig(run_dir=str(settings.out / "run"), seed=settings.seed, device=settings.device,
                          log_every=10, checkpoint_every=10_000, progress=True)
     config.model.base, config.model.teacher = str(base), str(teacher)
     config.data.hr, config.data.workers = [str(train_dir)], settings.workers
-    config.validation.hr, config.validation.every = [str(held_dir)], 10**9  # at each stage end
     config.stages = [StageConfig(it, patch, batch, settings.finetune_lr)
                      for it, patch, batch in (settings.stage_one, settings.stage_two)]
     validate(config, "demo configuration")
     return config
 
 
-def finetune(settings: DemoSettings, base: Path, teacher: Path, train_dir: Path, held_dir: Path):
+def finetune(settings: DemoSettings, base: Path, teacher: Path, train_dir: Path):
     from dsclora.models import load_model
     from dsclora.train import Trainer
 
-    config = finetune_config(settings, base, teacher, train_dir, held_dir)
+    config = finetune_config(settings, base, teacher, train_dir)
     (settings.out / "run").mkdir(parents=True, exist_ok=True)
     iterations, patch, batch = settings.stage_two
     lr_patch = patch // settings.scale
@@ -317,7 +363,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
          "Running on the given weights/data.")
     train_dir, held_dir = prepare_data(settings)
     base, teacher, curves = prepare_models(settings, train_dir, device)
-    finetune(settings, base, teacher, train_dir, held_dir)
+    finetune(settings, base, teacher, train_dir)
     exported = settings.out / "run" / f"dsclora_x{settings.scale}.pth"
     models, results, count = evaluate(settings, base, teacher, exported, held_dir, device)
     params = {name: sum(p.numel() for p in load_model(path).parameters())

@@ -1,14 +1,15 @@
 """Built-in sample images for the demo and tests, generated procedurally (no downloads).
 
 Each image is a deterministic function of its seed: a smooth two-colour gradient with a
-low-frequency wave, patches of stripes and checkerboards, filled and outlined shapes, and rows
-of text-like strokes — the edges, textures and fine lines super-resolution has to recover.
-Drawn at twice the size and downsampled with an antialiasing filter, so edges are natural.
+low-frequency wave, patches of stripes and checkerboards, filled and outlined shapes, rows of
+text-like strokes — the edges, textures and fine lines super-resolution has to recover — with
+edges of varying softness and a 1/f noise texture over everything (natural images' spectrum),
+drawn at twice the size and downsampled with an antialiasing filter.
 """
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 
 def _color(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -36,6 +37,19 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         return (np.sin(2 * np.pi * u / period) > 0).astype(float)
     v = -np.sin(angle) * xx + np.cos(angle) * yy
     return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(float)
+
+
+def _natural_texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """(h, w, 3) zero-mean 1/f noise (the power spectrum of natural images), about ±20 levels."""
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    falloff = 1 / np.maximum(np.hypot(fy, fx), 1 / max(h, w))
+    fields = []
+    for _ in range(2):  # luminance-like and colour-like components
+        spectrum = np.fft.rfft2(rng.standard_normal((h, w))) * falloff
+        field = np.fft.irfft2(spectrum, s=(h, w))
+        fields.append(field / (field.std() + 1e-9))
+    tint = rng.normal(0, 0.4, 3)
+    return rng.uniform(6, 20) * (fields[0][..., None] + fields[1][..., None] * tint)
 
 
 def _shape_box(rng, h, w, min_size, max_size):
@@ -98,6 +112,9 @@ def sample_image(seed: int, height: int = 128, width: int = 128) -> np.ndarray:
         else:
             draw.line([(box[0], box[1]), (box[2], box[3])], fill=outline, width=line + 2)
     _strokes(draw, rng, h, w)
+    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5)))  # edge softness varies
+    canvas = np.asarray(image, float) + _natural_texture(rng, h, w)
+    image = Image.fromarray(np.clip(np.round(canvas), 0, 255).astype(np.uint8))
     return np.asarray(image.resize((width, height), Image.LANCZOS))
 
 

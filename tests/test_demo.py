@@ -1,0 +1,103 @@
+"""``dsclora demo``: the full default run (as in CI) and its building blocks."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsclora import infer
+from dsclora.demo import (
+    affinity_memory, bicubic_taps, fit_linear_upsampler, interpolation_init, with_img_range,
+)
+from dsclora.evaluation import ImagePair
+from dsclora.models import SPAN, load_model
+from dsclora.sample_data import sample_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sample_images_are_deterministic_and_varied():
+    a, b = sample_image(7, 40, 56), sample_image(7, 40, 56)
+    assert a.shape == (40, 56, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert not np.array_equal(a, sample_image(8, 40, 56))
+    assert a.std() > 10  # not a flat image
+
+
+def test_interpolation_start_and_img_range_conversion_are_exact():
+    taps = bicubic_taps(4)
+    assert np.allclose(taps.sum(axis=1), 1) and np.allclose(taps, taps[::-1, ::-1])
+    model = SPAN(8, upscale=4, img_range=1.0, form="eval").double()
+    interpolation_init(model)
+    x = torch.rand(1, 3, 6, 7, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x)[0].numpy()
+    # the start is the separable 3-tap filter applied to the zero-padded (x − mean), plus the mean
+    mean = model.mean.flatten().numpy()
+    padded = np.pad(x[0].numpy() - mean[:, None, None], ((0, 0), (1, 1), (1, 1)))
+    expected = np.empty((3, 24, 28))
+    for i in range(6):
+        for j in range(7):
+            for a in range(4):
+                for b in range(4):
+                    window = padded[:, i:i + 3, j:j + 3]
+                    expected[:, 4 * i + a, 4 * j + b] = np.einsum("y,x,cyx->c", taps[a], taps[b], window) + mean
+    assert np.abs(y - expected).max() < 1e-12
+    with torch.no_grad():
+        standard = with_img_range(model.float()).double()
+        assert standard.img_range == 255 and np.abs(standard(x)[0].numpy() - y).max() < 1e-5
+
+
+def test_least_squares_recovers_a_linear_upsampler():
+    truth = np.random.default_rng(0).normal(size=(4, 3, 3))  # x2: 4 sub-pixel kernels
+    model = SPAN(6, upscale=2, form="eval").double()
+    interpolation_init(model, truth)
+    mean = model.mean.flatten().numpy()
+    pairs = []
+    for seed in range(3):
+        lr = np.random.default_rng(seed).uniform(0, 1, (10, 12, 3))
+        with torch.no_grad():
+            hr = model(torch.from_numpy(lr).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+        pairs.append(ImagePair(f"{seed}", hr * 255, lr * 255))
+    assert np.allclose(fit_linear_upsampler(pairs, 2, mean), truth, atol=1e-8)
+
+
+def test_affinity_memory_numbers():
+    naive, fused = affinity_memory(batch=2, lr_patch=48, channels=(12, 24))
+    n = 48 * 48
+    assert naive == 6 * 2 * 2 * n * n * 4 and fused == 6 * 2 * 2 * 36 * n * 4
+
+
+def _table_value(text: str, model: str) -> float:
+    match = re.search(rf"^\| {model} \| [^|]+ \| ([0-9.]+) \|", text, re.MULTILINE)
+    assert match, f"no row for {model} in\n{text}"
+    return float(match.group(1))
+
+
+def test_default_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    # One thread: on a shared 2-core runner two busy OpenMP threads can be several times slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "dsclora", "demo", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    text = run.stdout
+    assert "demonstration numbers" in text and "naive" in text and "fused" in text
+    psnr = {m: _table_value(text, m) for m in ("bicubic", "base", "teacher", "DSCLoRA")}
+    assert psnr["base"] > psnr["bicubic"]  # the pretraining did learn something
+    assert abs(psnr["DSCLoRA"] - psnr["base"]) < 0.5  # merged adapters: a sane model of the same size
+    exported = out / "run" / "dsclora_x4.pth"
+    state = torch.load(exported, weights_only=True)
+    SPAN(12, upscale=4, form="eval").load_state_dict(state, strict=True)
+    x = torch.rand(1, 3, 20, 24)
+    with torch.no_grad():
+        assert torch.allclose(infer.load(exported, device="cpu")(x), load_model(exported)(x), atol=1e-4)
+    assert len(list((out / "comparisons").glob("*.png"))) == 8
+    assert len(list((out / "outputs").glob("*.png"))) == 8
+    for png in (out / "run" / "loss_curve.png", out / "pretrain_loss.png"):
+        assert Image.open(png).format == "PNG"
+    assert "DSCLoRA" in (out / "README.md").read_text()
