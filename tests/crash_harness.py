@@ -71,9 +71,15 @@ class Run:
     """What a child did: its events, how it ended, and its output."""
 
     events: list[str]
+    times: list[float]  # when each event arrived, in seconds from the start
     exitcode: int | None
     killed: bool
     seconds: float
+
+    def step_seconds(self) -> float:
+        """The median time between two steps (a step and its checkpoint)."""
+        starts = [t for e, t in zip(self.events, self.times) if e.startswith("step ")]
+        return float(np.median(np.diff(starts))) if len(starts) > 1 else 0.05
 
     @property
     def code(self) -> int | None:
@@ -162,7 +168,7 @@ def run(config: Path, run_dir: Path, resume: bool = False, pause_on: str | None 
     child.start()
     os.close(write_fd)
     trigger, delay = (pause_on, 0.0) if pause_on else (kill_after or (None, 0.0))
-    events, pending, killed = [], b"", False
+    events, times, pending, killed = [], [], b"", False
     try:
         while True:
             left = timeout - (time.monotonic() - start)
@@ -175,6 +181,7 @@ def run(config: Path, run_dir: Path, resume: bool = False, pause_on: str | None 
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
                 events.append(line.decode())
+                times.append(time.monotonic() - start)
                 if not killed and events[-1] == trigger:
                     time.sleep(delay)
                     os.kill(child.pid, signum)
@@ -182,7 +189,7 @@ def run(config: Path, run_dir: Path, resume: bool = False, pause_on: str | None 
     finally:
         os.close(read_fd)
         child.join(timeout)
-    return Run(events, child.exitcode, killed, time.monotonic() - start)
+    return Run(events, times, child.exitcode, killed, time.monotonic() - start)
 
 
 # ---------------------------------------------------------------- the crash scenario
@@ -232,11 +239,12 @@ def matches_snapshot(run_dir: Path, snapshots: Path) -> tuple[int, bool]:
     return k, same and state == json.loads((snapshots / f"{k}.json").read_text())
 
 
-def kill_and_resume(config: Path, run_dir: Path, snapshots: Path, seed: int, kills: int = 6):
+def kill_and_resume(config: Path, run_dir: Path, snapshots: Path, seed: int, step_seconds: float,
+                    kills: int = 6):
     """SIGKILL a run ``kills`` times at seeded random points (each kind of PAUSE_EVENTS once, the
-    rest RANDOM_KILL), resuming after each; then let it finish. Each target is drawn after the
-    previous kill, at most two iterations ahead of the checkpoint it left (so that every kill
-    lands before the run's end). Returns (kills, final run)."""
+    rest RANDOM_KILL, up to ``step_seconds`` after a step began), resuming after each; then let
+    it finish. Each target is drawn after the previous kill, at most two iterations ahead of the
+    checkpoint it left, so that every kill lands before the run's end. Returns (kills, final run)."""
     import random
 
     rng = random.Random(seed)
@@ -245,9 +253,9 @@ def kill_and_resume(config: Path, run_dir: Path, snapshots: Path, seed: int, kil
     rng.shuffle(kinds)
     records, completed = [], 0
     for index, kind in enumerate(kinds):
-        if kind == RANDOM_KILL:  # within step k or the save after it (a step takes > 0.1 s)
-            k = rng.randint(completed, completed + 1)
-            result = run(config, run_dir, resume=index > 0, kill_after=(f"step {k}", rng.uniform(0, 0.1)))
+        if kind == RANDOM_KILL:  # within step k or the save after it, two steps before the end at most
+            k = rng.randint(completed, max(completed, min(completed + 1, total - 2)))
+            result = run(config, run_dir, resume=index > 0, kill_after=(f"step {k}", rng.uniform(0, step_seconds)))
         else:
             k = rng.randint(completed + 1, completed + 2)
             result = run(config, run_dir, resume=index > 0, pause_on=PAUSE_EVENTS[kind].format(k=k))
@@ -294,7 +302,7 @@ def differing_outputs(run_dir: Path, reference_dir: Path) -> list[str]:
     return differences
 
 
-def ctrl_c(config: Path, run_dir: Path, after_rows: int = 2, *overrides: str) -> tuple[int, str]:
+def ctrl_c(config: Path, run_dir: Path, after_rows: int = 1, *overrides: str) -> tuple[int, str]:
     """Start a real ``dsclora train`` process (one DataLoader worker) and, once its log holds
     ``after_rows`` iterations, send SIGINT to its whole process group, as Ctrl+C in a terminal
     does. Returns (exit code, stderr)."""
@@ -311,6 +319,6 @@ def ctrl_c(config: Path, run_dir: Path, after_rows: int = 2, *overrides: str) ->
         if log.is_file() and len(log.read_text().splitlines()) > after_rows:  # a header, then one row each
             os.killpg(process.pid, signal.SIGINT)
             break
-        time.sleep(0.02)
+        time.sleep(0.005)
     _, err = process.communicate(timeout=120)
     return process.returncode, err

@@ -244,7 +244,8 @@ def crash_section(work: Path, seeds: int, summary: list) -> str:
     rows, finals, all_kills = [], [], []
     for seed in range(seeds):
         start = time.perf_counter()
-        kills, final = crash_harness.kill_and_resume(config, work / f"seed{seed}", snapshots, seed=seed)
+        kills, final = crash_harness.kill_and_resume(config, work / f"seed{seed}", snapshots, seed,
+                                                     reference.step_seconds())
         seconds = time.perf_counter() - start
         found, identical = crash_harness.matches_snapshot(work / f"seed{seed}", snapshots)
         differences = crash_harness.differing_outputs(work / f"seed{seed}", work / "reference")
@@ -273,7 +274,7 @@ def crash_section(work: Path, seeds: int, summary: list) -> str:
 
     term = crash_harness.run(config, work / "sigterm", kill_after=("step 3", 0.0), signum=signal.SIGTERM)
     term_after = crash_harness.matches_snapshot(work / "sigterm", snapshots)
-    code, err = crash_harness.ctrl_c(config, work / "sigint", 2, "checkpoint_every=100")
+    code, err = crash_harness.ctrl_c(config, work / "sigint", 1, "checkpoint_every=100")
     int_after = crash_harness.matches_snapshot(work / "sigint", snapshots)
     int_resumed = crash_harness.run(config, work / "sigint", resume=True)
     int_same = not crash_harness.differing_outputs(work / "sigint", work / "reference")
@@ -283,7 +284,7 @@ def crash_section(work: Path, seeds: int, summary: list) -> str:
         ["SIGTERM to a forked `dsclora train` after step 3 began", term.code, term_message,
          f"{term_after[0]} ({mark(term_after[1])})", "n/a", mark(term.code == 130 and term_after[1])],
         ["Ctrl+C: SIGINT to the process group of a real `dsclora train` (1 DataLoader worker, checkpoints "
-         "otherwise due at 8) after 2 logged iterations", code, int_message, f"{int_after[0]} ({mark(int_after[1])})",
+         "otherwise due at 8) after its first logged iteration", code, int_message, f"{int_after[0]} ({mark(int_after[1])})",
          mark(int_resumed.code == 0 and int_same),
          mark(code == 130 and "Traceback" not in err and int_after[1] and int_same)],
     ]
@@ -302,7 +303,9 @@ Setup (`tests/crash_harness.py`): student SPAN C=8 x2 with ConvLoRA, teacher SPA
 (16- then 24-pixel patches, batch 2), a checkpoint every iteration, deterministic algorithms, one thread.
 Runs are forked `dsclora train [--resume]` processes that report their progress through a pipe; a
 kill during a save pauses the child right after the reported moment, so that SIGKILL lands exactly
-there. The uninterrupted run took {reference_seconds:.1f} s and kept a copy of each of its {total} checkpoints.
+there; a random kill comes up to one step time ({reference.step_seconds() * 1000:.0f} ms, the median of the
+uninterrupted run) after a step began. The uninterrupted run took {reference_seconds:.1f} s and kept a copy of
+each of its {total} checkpoints.
 
 ### SIGKILL at random points (seeds 0..{seeds - 1}, 6 kills each, resuming after each)
 

@@ -27,12 +27,12 @@ def reference(tmp_path_factory):
     run = crash_harness.run(config, root / "reference", snapshot_dir=snapshots)
     assert run.code == 0, run.stderr
     assert sorted(int(p.stem) for p in snapshots.glob("*.json")) == list(range(1, TOTAL + 1))
-    return config, snapshots, root / "reference"
+    return config, snapshots, root / "reference", run.step_seconds()
 
 
 def test_sigkill_at_random_points_never_corrupts_and_resumes_exactly(reference, tmp_path):
-    config, snapshots, reference_dir = reference
-    kills, final = crash_harness.kill_and_resume(config, tmp_path / "run", snapshots, seed=SEED)
+    config, snapshots, reference_dir, step_seconds = reference
+    kills, final = crash_harness.kill_and_resume(config, tmp_path / "run", snapshots, SEED, step_seconds)
     assert len(kills) >= 5
     assert {k.kind.split(" (")[0] for k in kills} >= set(PAUSE_EVENTS)  # every moment of a save
     for kill in kills:
@@ -47,7 +47,7 @@ def test_sigkill_at_random_points_never_corrupts_and_resumes_exactly(reference, 
 
 @pytest.mark.parametrize("file", ["last-000000003.safetensors for 3", "last.json for 3"])
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(reference, tmp_path, file):
-    config, snapshots, reference_dir = reference
+    config, snapshots, reference_dir, _ = reference
     full = crash_harness.run(config, tmp_path / "run", disk_full_on=file)
     assert full.code == 1
     assert re.search(r"cannot save checkpoint 'last' of iteration 3 in .*: \[Errno 28\] No space left on device"
@@ -61,23 +61,24 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(reference, tmp_pat
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference, tmp_path):
-    config, snapshots, _ = reference
+    config, snapshots, _, _ = reference
     run = crash_harness.run(config, tmp_path / "run", kill_after=("step 3", 0.0), signum=signal.SIGTERM)
     assert run.code == 130 and "Traceback" not in run.stderr
     stopped = int(re.search(rf"stopped at iteration (\d+) of {TOTAL}; checkpoint saved", run.stderr)[1])
-    assert stopped == 4  # step 3 finished: iteration 4
+    last_step = max(int(e.split()[1]) for e in run.events if e.startswith("step "))
+    assert stopped == last_step + 1 >= 4  # the step under way when SIGTERM came finished, no other began
     assert matches_snapshot(tmp_path / "run", snapshots) == (stopped, True)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(reference, tmp_path):
     """A real ``dsclora train`` process with a DataLoader worker gets SIGINT in its whole process
     group; checkpoints are otherwise only due at the end of stage 1 (iteration 8)."""
-    config, snapshots, reference_dir = reference
-    code, err = crash_harness.ctrl_c(config, tmp_path / "run", 2, "checkpoint_every=100")
+    config, snapshots, reference_dir, _ = reference
+    code, err = crash_harness.ctrl_c(config, tmp_path / "run", 1, "checkpoint_every=100")
     assert code == 130, err
     assert "Traceback" not in err
     stopped = int(re.search(rf"stopped at iteration (\d+) of {TOTAL}; checkpoint saved in .*--resume", err)[1])
-    assert 2 <= stopped < ITERATIONS[0]  # saved by the interrupt, not by the schedule
+    assert 1 <= stopped < ITERATIONS[0]  # saved by the interrupt, not by the schedule
     assert matches_snapshot(tmp_path / "run", snapshots) == (stopped, True)
     resumed = crash_harness.run(config, tmp_path / "run", resume=True)
     assert resumed.code == 0 and crash_harness.first_step(resumed) == stopped
