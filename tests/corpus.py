@@ -176,7 +176,8 @@ def build_files(folder: Path, seed: int = 0) -> list[FileCase]:
     ok("exif_rotated.jpg", "JPEG stored 5x14 with EXIF orientation 6 (shown 14x5)", None, size=(14, 5), atol=None)
 
     # ---- odd names and contents under a valid name ------------------------------------------
-    for name, what in (("Ünïcödé_画像.png", "non-ASCII file name"), ("name with spaces.png", "spaces in the name"),
+    for name, what in (("Ünïcödé_画像.png", "non-ASCII file name"),
+                       ("name with spaces.png", "spaces in the name"),
                        ("UPPER.PNG", "upper-case suffix"), ("png_inside.jpg", "PNG bytes named .jpg")):
         samples = _u8(rng, 5, 6)
         Image.fromarray(samples).save(folder / name, format="PNG")

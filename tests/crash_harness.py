@@ -265,7 +265,8 @@ def kill_and_resume(config: Path, run_dir: Path, snapshots: Path, seed: int, ste
             records[-1].resumed_at = first_step(result)
         completed = max([completed] + [int(e.split()[-1]) for e in result.events if e.startswith("replaced last.json")])
         # a kill between a JSON's rename and its report leaves the next checkpoint, complete
-        allowed = (completed, completed + 1) if f"written last.json for {completed + 1}" in result.events else (completed,)
+        next_written = f"written last.json for {completed + 1}" in result.events
+        allowed = (completed, completed + 1) if next_written else (completed,)
         found, identical = matches_snapshot(run_dir, snapshots)
         current = {"last.json", f"last-{found:09d}.safetensors"}
         records.append(Kill(kind.format(k=k), k, result.events[-1] if result.events else "", completed, found,

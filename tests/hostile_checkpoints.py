@@ -125,7 +125,8 @@ def check(folder: Path, case: CheckpointCase) -> Outcome:
     from dsclora.models import CheckpointError, load_model
 
     path = Path(folder) / case.name
-    expected = "loads" if case.error is None else f"error: ...{case.error}..." + (f" naming {case.key}" if case.key else "")
+    expected = "loads" if case.error is None else f"error: ...{case.error}..."
+    expected += f" naming {case.key}" if case.key else ""
     try:
         model = load_model(path)
     except CheckpointError as exc:

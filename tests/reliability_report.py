@@ -44,7 +44,7 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def outcome_table(outcomes) -> str:
     return table(["case", "what", "expected", "got", "ok"],
-                 [[f"`{o.name}`", o.what if o.what != o.name else "", o.expected, o.got, "yes" if o.passed else "**NO**"]
+                 [[f"`{o.name}`", o.what if o.what != o.name else "", o.expected, o.got, mark(o.passed)]
                   for o in outcomes])
 
 
@@ -143,7 +143,8 @@ these fail for root too.
 
 | case | exit code | reported | ok |
 |---|---|---|---|
-| output folder under a regular file (`{folder.relative_to(work)}`) | {folder_run.code} | {cell(folder_run.stderr.strip())} | {mark(folder_ok)} |
+| output folder under a regular file (`{folder.relative_to(work)}`) | {folder_run.code} | \
+{cell(folder_run.stderr.strip())} | {mark(folder_ok)} |
 """ + "".join(
         f"| `{name[:24]}{'…' if len(name) > 24 else ''}`: {reason} | {writes.code} | "
         f"{cell(write_reasons.get(name, '(not reported)'))} | {mark(reason in write_reasons.get(name, ''))} |\n"
@@ -217,7 +218,8 @@ Each must load, or give one `CheckpointError` starting with the file's path, wit
 | check | result |
 |---|---|
 | marker file created by any of the loads above | {"**YES**" if ran_safely else "no"} |
-| control: the same payload loaded with `torch.load(weights_only=False)` creates its marker | {"yes" if control.exists() else "**NO**"} |
+| control: the same payload loaded with `torch.load(weights_only=False)` creates its marker | \
+{mark(control.exists())} |
 
 (`dsclora infer --weights` and `dsclora eval --weights` are checked the same way in
 `tests/test_reliability_checkpoints.py`.)
@@ -284,7 +286,8 @@ def crash_section(work: Path, seeds: int, summary: list) -> str:
         ["SIGTERM to a forked `dsclora train` after step 3 began", term.code, term_message,
          f"{term_after[0]} ({mark(term_after[1])})", "n/a", mark(term.code == 130 and term_after[1])],
         ["Ctrl+C: SIGINT to the process group of a real `dsclora train` (1 DataLoader worker, checkpoints "
-         "otherwise due at 8) after its first logged iteration", code, int_message, f"{int_after[0]} ({mark(int_after[1])})",
+         "otherwise due at 8) after its first logged iteration", code, int_message,
+         f"{int_after[0]} ({mark(int_after[1])})",
          mark(int_resumed.code == 0 and int_same),
          mark(code == 130 and "Traceback" not in err and int_after[1] and int_same)],
     ]
@@ -348,7 +351,8 @@ def tests_section(summary: list) -> str:
         per_file[match[2]] = per_file.get(match[2], 0.0) + float(match[1])
     result = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?) in ([\d.]+)s", out, re.M)
     failures = "\n".join(f"- `{cell(line)}`" for line in out.splitlines() if line.startswith(("FAILED", "ERROR")))
-    statistics = re.findall(r"^(tests/test_properties\.py::\S+):\n(?:.*\n)*?\s+- (\d+) passing, (\d+) failing", out, re.M)
+    statistics = re.findall(r"^(tests/test_properties\.py::\S+):\n(?:.*\n)*?\s+- (\d+) passing, (\d+) failing",
+                            out, re.M)
     summary.append(["test files (pytest)", 1, int(process.returncode == 0)])
     rows = [[f"`{name}`", f"{t:.1f} s"] for name, t in per_file.items()]
     stat_rows = [[f"`{name.split('::')[1]}`", passing, failing] for name, passing, failing in statistics]
