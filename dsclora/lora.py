@@ -157,9 +157,14 @@ def apply_dsclora(model: nn.Module, ranks: dict[str, int] | None = None,
         p.requires_grad_(False)
     layers = {}
     for name in targets:
-        conv = model.get_submodule(name)
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError:
+            raise KeyError(f"target layer {name!r} is not in the model") from None
         if isinstance(conv, ConvLoRA):
             raise ValueError(f"layer {name!r} already has a ConvLoRA adapter")
+        if type(conv) is not nn.Conv2d:
+            raise ValueError(f"target layer {name!r} is a {type(conv).__name__}, not a plain nn.Conv2d")
         rank = rank_for(name, ranks)
         lora = ConvLoRA.from_conv(conv, rank, alpha_per_rank * rank)
         lora.weight.requires_grad_(False)

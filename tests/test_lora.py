@@ -127,6 +127,10 @@ def test_apply_dsclora_rejects_training_form_and_unknown_layers():
     apply_dsclora(model, ranks={"conv_1": 2}, targets=("conv_1.eval_conv",))
     with pytest.raises(ValueError, match="already"):
         apply_dsclora(model, ranks={"conv_1": 2}, targets=("conv_1.eval_conv",))
+    with pytest.raises(KeyError, match="block_9"):
+        apply_dsclora(SPAN(8, form="eval"), ranks={"block_9": 2}, targets=("block_9.c1_r.eval_conv",))
+    with pytest.raises(ValueError, match="Conv3XC"):
+        apply_dsclora(SPAN(8, form="eval"), ranks={"conv_2": 2}, targets=("conv_2",))
 
 
 def test_rank_lookup_prefers_the_longest_prefix():

@@ -119,6 +119,16 @@ def test_errors_name_the_key(tmp_path, text, override, key):
         load_config(path, [override] if override else [])
 
 
+def test_bad_paths_and_layers_are_config_errors_naming_the_key(tiny):
+    for override, key in ((f"data.hr=['{tiny / 'nowhere'}']", "data: .*nowhere"),
+                          (f"validation.hr=['{tiny / 'nope'}']", "validation.hr: .*nope"),
+                          (f"model.base={tiny / 'missing.pth'}", "model.base: .*missing.pth"),
+                          ("model.targets=['block_1.c1_r.eval_conv', 'block_7.c1_r.eval_conv']",
+                           "model.ranks / model.targets: .*block_7")):
+        with pytest.raises(ConfigError, match=key):
+            Trainer(load_config(tiny_config(tiny), [override]))
+
+
 def test_missing_required_keys_and_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match="model.base"):
         load_config(toml_file(tmp_path / "c.toml", '[data]\nhr = ["x"]\n'))

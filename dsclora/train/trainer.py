@@ -28,7 +28,6 @@ from dsclora.export import export, lora_config
 from dsclora.lora import apply_dsclora, merge_dsclora
 from dsclora.losses import DSCLoRALoss
 from dsclora.models import SPAN, load_model
-from dsclora_kernels._log import fallback
 
 from . import checkpoint, distributed
 from .config import ConfigError, TrainConfig, to_toml
@@ -72,21 +71,22 @@ class TrainResult:
     results: dict = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def config_errors(key: str):
+    """Re-raise a bad file/folder/table error from inside the block as a ConfigError naming ``key``."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise ConfigError(f"{key}: {message}") from exc
+
+
 def load_span(path: str, role: str) -> SPAN:
     """An eval-form SPAN from a checkpoint (a training-form file is re-parameterised)."""
-    try:
+    with config_errors(f"model.{role}"):
         return load_model(path).reparameterize()
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.{role}: {exc}") from exc
-
-
-def use_fused_blocks(model: SPAN) -> None:
-    """Switch ``model`` to the fused SPAB op if this build has it (logged once if not)."""
-    switch = getattr(model, "use_fused_blocks", None)
-    if switch is None:
-        fallback("spab:train", "SPAN.use_fused_blocks is not available; blocks run in plain PyTorch")
-    else:
-        switch(True)
 
 
 class Trainer:
@@ -112,12 +112,14 @@ class Trainer:
         self.model = (DistributedDataParallel(self.student, device_ids=[self.ctx.device] if
                                               self.ctx.device.type == "cuda" else None)
                       if self.ctx.distributed else self.student)
-        self.entries = find_images(config.data.hr, config.data.lr, self.scale)
+        with config_errors("data"):
+            self.entries = find_images(config.data.hr, config.data.lr, self.scale)
         self.iteration, self.skipped, self.nonfinite_run = 0, 0, 0
         self._stop_signal: str | None = None  # set by a stop signal during run()
         self.best_psnr = -math.inf
-        self.val_sets = (validation_sets(config.validation.hr, self.scale)
-                         if self.ctx.is_main and config.validation.hr else {})
+        with config_errors("validation.hr"):
+            self.val_sets = (validation_sets(config.validation.hr, self.scale)
+                             if self.ctx.is_main and config.validation.hr else {})
         for i, stage in enumerate(config.stages):
             if stage.patch_size % self.scale:
                 raise ConfigError(f"stages[{i}].patch_size: {stage.patch_size} is not a multiple "
@@ -137,8 +139,9 @@ class Trainer:
         config, device = self.config, self.ctx.device
         self.student = load_span(config.model.base, "base")
         self.scale = self.student.upscale
-        self.lora_report = apply_dsclora(self.student, config.model.ranks, tuple(config.model.targets),
-                                         config.model.alpha_per_rank)
+        with config_errors("model.ranks / model.targets"):
+            self.lora_report = apply_dsclora(self.student, config.model.ranks, tuple(config.model.targets),
+                                             config.model.alpha_per_rank)
         self.student.to(device).train()
         self.teacher = None
         if config.model.teacher and (config.loss.ts > 0 or config.loss.ad > 0):
@@ -150,7 +153,7 @@ class Trainer:
         if config.model.fused_blocks:
             for model in (self.student, self.teacher):
                 if model is not None:
-                    use_fused_blocks(model)
+                    model.use_fused_blocks(True)
 
     def _prepare_run_dir(self, resume: bool) -> None:
         saved = checkpoint.load(self.ckpt_dir, "last") if self.ckpt_dir.is_dir() else None
@@ -473,7 +476,7 @@ class Trainer:
     def _plain(self, model: SPAN) -> SPAN:
         model = model.to(self.ctx.device).eval().requires_grad_(False)
         if self.config.model.fused_blocks:
-            use_fused_blocks(model)
+            model.use_fused_blocks(True)
         return model
 
     def plot_losses(self) -> Path:
