@@ -10,9 +10,8 @@
    side-by-side crops and loss curves in the output folder.
 The default numbers are demonstrations of the machinery on tiny models and toy data, not results.
 """
-import dataclasses
-import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-logger = logging.getLogger("dsclora")
 
 STANDARD_IMG_RANGE = 255.0
 
-DISCLAIMER = ("These are demonstration numbers: tiny models trained for seconds on synthetic "
-              "images. They show that the pipeline works, not what DSCLoRA achieves.")
+DISCLAIMER = ("These are demonstration numbers: small models or data and seconds of training. "
+              "They show that the pipeline works, not what DSCLoRA achieves.")
 
 
 @dataclass
@@ -262,7 +260,8 @@ def finetune(settings: DemoSettings, base: Path, teacher: Path, train_dir: Path)
     from dsclora.train import Trainer
 
     config = finetune_config(settings, base, teacher, train_dir)
-    (settings.out / "run").mkdir(parents=True, exist_ok=True)
+    if Path(config.run_dir).exists():  # a previous demo's run: start over
+        shutil.rmtree(config.run_dir)
     iterations, patch, batch = settings.stage_two
     lr_patch = patch // settings.scale
     widths = (load_model(base).feature_channels, load_model(teacher).feature_channels)
@@ -270,9 +269,9 @@ def finetune(settings: DemoSettings, base: Path, teacher: Path, train_dir: Path)
     _say(f"fine-tune: stage 1 {settings.stage_one[0]} it on {settings.stage_one[1]}px HR patches, "
          f"stage 2 {iterations} it on {patch}px (N = {lr_patch}x{lr_patch} = {lr_patch ** 2} LR pixels)")
     _say(f"  affinity loss memory at stage 2 (batch {batch}, 6 layers): naive {naive / 2**30:.2f} GiB "
-         f"for the N x N matrices vs fused {fused / 2**20:.2f} MiB ({naive / fused:.0f}x less)")
+         f"for the N x N matrices vs about {fused / 2**20:.1f} MiB fused ({naive / fused:.0f}x less)")
     start = time.perf_counter()
-    result = Trainer(config, resume=(settings.out / "run" / "checkpoints" / "last.json").exists()).run()
+    result = Trainer(config).run()
     _say(f"  {result.iterations} iterations in {time.perf_counter() - start:.0f} s; "
          f"config: {settings.out / 'run' / 'config.toml'} (rerun with `dsclora train --config ...`)")
     return result
@@ -360,8 +359,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     settings.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(settings.device)
     _say(f"dsclora demo -> {settings.out} (device {device}, {torch.get_num_threads()} CPU threads)")
-    _say(DISCLAIMER if settings.data is None and settings.base is None else
-         "Running on the given weights/data.")
+    note = DISCLAIMER if settings.data is None or settings.base is None else ""
+    _say(note or "Running on the given weights and data.")
     train_dir, held_dir = prepare_data(settings)
     base, teacher, curves = prepare_models(settings, train_dir, device)
     finetune(settings, base, teacher, train_dir)
@@ -378,11 +377,11 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     seconds = time.perf_counter() - start
     summary = (f"# dsclora demo\n\n{table}\nDSCLoRA = base + ConvLoRA fine-tuned with distillation from "
                f"the teacher, merged: same size and speed as the base.\nTotal time {seconds:.0f} s.\n\n"
-               f"{DISCLAIMER if settings.data is None else ''}\n\n"
+               f"{note}\n\n"
                + "".join(f"- {k}: {v}\n" for k, v in files.items()))
     (settings.out / "README.md").write_text(summary)
     _say("\n" + table)
     for key, path in files.items():
         _say(f"{key}: {path}")
-    _say(f"total {seconds:.0f} s. " + (DISCLAIMER if settings.data is None else ""))
+    _say(f"total {seconds:.0f} s. {note}")
     return DemoResult(settings.out, table, results, seconds, files)

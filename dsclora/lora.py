@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 #: Paper Table 2 ranks (α = 2r), keyed by the prefix of the adapted layers' names (SPEC §3).

@@ -288,7 +288,7 @@ def run_cli(args, env=None, **kwargs):
 
 
 def final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    tensors, state = checkpoint.load(run_dir / "checkpoints", "last")
+    tensors, _ = checkpoint.load(run_dir / "checkpoints", "last")
     return {k: v for k, v in tensors.items() if not k.startswith("rng.")}
 
 

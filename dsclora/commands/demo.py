@@ -17,7 +17,7 @@ def run(args) -> int:
 
     from dsclora.demo import DemoSettings, run_demo
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if (args.base is None) != (args.teacher is None):
         print("dsclora demo: error: give both --base and --teacher, or neither")
         return 2
