@@ -98,9 +98,9 @@ if triton is not None:
                 loss += tl.sum(tl.abs(d) * weight[None, :], axis=1).to(tl.float64)
             sign = (tl.where(d > 0, 1.0, 0.0) - tl.where(d < 0, 1.0, 0.0)).to(dtype)
             if GRAD_S:
-                gs = tl.dot(sign, tl.trans(xs_j), gs, input_precision=PRECISION)
+                gs = tl.dot(sign, tl.trans(xs_j), gs, input_precision=PRECISION, out_dtype=dtype)
             if GRAD_T:
-                gt = tl.dot(sign, tl.trans(xt_j), gt, input_precision=PRECISION)
+                gt = tl.dot(sign, tl.trans(xt_j), gt, input_precision=PRECISION, out_dtype=dtype)
         tl.store(ROW_LOSS + image * N + rows, loss, mask=row_ok)
         if GRAD_S:
             tl.store(GS + image * CS * N + cs[None, :] * N + rows[:, None], gs, mask=(cs[None, :] < CS) & row_ok[:, None])
