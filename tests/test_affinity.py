@@ -106,12 +106,16 @@ def test_non_contiguous_and_half_inputs(backend):
     assert_matches_reference(backend, student, teacher, grad_tol=1e-2)
 
 
-def test_teacher_without_gradient_is_not_computed(backend):
-    student, teacher = features(2, 26, 28, 5, 6, teacher_grad=False, device=backend.device)
+@pytest.mark.parametrize("needs_grad", [(True, False), (False, True)], ids=["student", "teacher"])
+def test_gradient_of_one_input_only(backend, needs_grad):
+    """Only the input that requires a gradient gets one; the other's is not computed."""
+    student, teacher = (f.detach().requires_grad_(flag)
+                        for f, flag in zip(features(2, 26, 28, 5, 6, device=backend.device), needs_grad))
     assert_matches_reference(backend, student, teacher)
     with use_backend(backend.name):
-        loss, grad_s, grad_t = torch.ops.dsclora.spatial_affinity_l1(student, teacher, "mean", 1e-8, "ieee", True, False)
-    assert grad_s.shape == student.shape and grad_t.numel() == 0
+        _, grad_s, grad_t = torch.ops.dsclora.spatial_affinity_l1(student, teacher, "mean", 1e-8, "ieee", *needs_grad)
+    assert [g.shape == f.shape for g, f in ((grad_s, student), (grad_t, teacher))] == list(needs_grad)
+    assert [g.numel() == 0 for g in (grad_s, grad_t)] == [not flag for flag in needs_grad]
 
 
 def test_forward_without_gradients(backend):
