@@ -8,6 +8,10 @@
    ``_dispatch.choose``) gives Σ|S − T| and, for each input that needs a gradient,
    G = Σ_j sign(D_ij) x̂_j, so that ∂L/∂x̂_s = 2·scale·G_s and ∂L/∂x̂_t = −2·scale·G_t;
 3. the normalisation backward gives ∂L/∂F.
+Signs are exact: with gradients, entries within the float32 rounding bound of a tie (|D| < tie
+bound) are recomputed in float64 from the raw features. Cost, C++ at 64 x 64 (measured): none
+for unrelated features, 1.4x for a student within 1 % of the teacher, ~50x when student and
+teacher are identical (every entry is a tie).
 The forward computes the gradients in the same pass (Liger-Kernel's fused cross-entropy pattern);
 the backward only scales them by grad_output. p = 2 reduces to C x C Gram matrices
 (``affinity_squared``).
