@@ -13,13 +13,14 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import logging
+    import sys
     from pathlib import Path
 
     from dsclora.demo import DemoSettings, run_demo
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if (args.base is None) != (args.teacher is None):
-        print("dsclora demo: error: give both --base and --teacher, or neither")
+        print("dsclora demo: error: give both --base and --teacher, or neither", file=sys.stderr)
         return 2
     settings = DemoSettings(out=Path(args.out), base=args.base, teacher=args.teacher, data=args.data,
                             device=args.device, seed=args.seed)
