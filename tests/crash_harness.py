@@ -312,7 +312,8 @@ def ctrl_c(config: Path, run_dir: Path, after_rows: int = 1, *overrides: str) ->
 
     command = [sys.executable, "-m", "dsclora", "train", "--config", str(config), f"run_dir={run_dir}",
                "data.workers=1", *overrides]
-    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], text=True,
+    # cwd outside the source tree: `-m dsclora` must import the installed package (compiled kernels).
+    process = subprocess.Popen(command, cwd=Path(run_dir).parent, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     log, deadline = Path(run_dir) / "train_log.csv", time.monotonic() + 120

@@ -3,7 +3,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +16,6 @@ from dsclora.evaluation import ImagePair
 from dsclora.models import SPAN, load_model
 from dsclora.sample_data import sample_image
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sample_images_are_deterministic_and_varied():
@@ -81,7 +79,7 @@ def test_default_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     # One thread: on a shared 2-core runner two busy OpenMP threads can be several times slower.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "dsclora", "demo", "--out", str(out)], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "dsclora", "demo", "--out", str(out)], cwd=tmp_path,
                          capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text = run.stdout

@@ -5,6 +5,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from dsclora.train import ConfigError, Trainer, TrainingError, load_config, to_t
 from dsclora.train import checkpoint
 from dsclora.train.data import IterationSampler, PatchDataset, find_images
 
-ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses run outside the source tree so that `-m dsclora` imports the installed package
+# (with its compiled kernels), not the uncompiled sources.
+OUTSIDE_SOURCE = tempfile.gettempdir()
 
 
 def toml_file(path: Path, text: str) -> Path:
@@ -283,7 +286,7 @@ def test_bf16_autocast_runs(tiny):
 # ---------------------------------------------------------------- subprocesses: SIGKILL + resume, DDP
 def run_cli(args, env=None, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "dsclora", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "dsclora", *args], cwd=OUTSIDE_SOURCE, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
@@ -332,7 +335,7 @@ batch_size = 2
     out_resumed, out_full = resumed.communicate(timeout=300)[0], full.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out_resumed
     assert full.returncode == 0, out_full
-    assert f"resumed from" in out_resumed and f"iteration {interrupted_at}" in out_resumed
+    assert "resumed from" in out_resumed and f"iteration {interrupted_at}" in out_resumed
     a, b = final_tensors(tmp_path / "full"), final_tensors(tmp_path / "killed")
     assert set(a) == set(b) and any(k.startswith("optim.") for k in a)
     for key in a:
@@ -356,7 +359,7 @@ def test_two_process_gloo_run_matches_one_process(tiny):
                 "--master_port", str(29500 + os.getpid() % 1000), "-m", "dsclora", "train",
                 "--config", str(config), f"run_dir={tiny / 'two'}", *common]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(torchrun, cwd=OUTSIDE_SOURCE, env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, out_single
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = final_tensors(tiny / "one"), final_tensors(tiny / "two")
