@@ -1,6 +1,5 @@
 """dsclora.infer and `dsclora infer`: merged fused network == reference SPAN, tiling, I/O, CLI, download."""
 import hashlib
-import warnings
 
 import numpy as np
 import pytest

@@ -43,7 +43,6 @@ def run(args) -> int:
     import json
     import sys
 
-    import torch
 
     from dsclora import load_model
     from dsclora.evaluation import evaluate_folder
