@@ -4,8 +4,9 @@
 Sample ``g`` (global index ``iteration · batch_size + k``) takes image ``perm_e[g mod n]`` where
 ``perm_e`` is a seeded permutation for epoch ``e = g // n``; its crop position and augmentation come
 from a generator seeded with (seed, g). LR patches are either cut from paired LR files or made on
-the fly: the HR crop is downscaled with MATLAB-compatible bicubic (crop first, then resize: cheap)
-and rounded to 8-bit values like an LR file.
+the fly: the HR crop plus a few pixels of context is downscaled with MATLAB-compatible bicubic
+(crop first, then resize: cheap) and rounded to 8-bit values like an LR file, which gives exactly
+the crop of the whole image's LR (the benchmark protocol's LR).
 """
 import logging
 import re
@@ -20,6 +21,10 @@ from torch.utils.data import Dataset, Sampler
 from dsclora.data import imresize, list_images, load_image
 
 logger = logging.getLogger("dsclora")
+
+#: LR pixels of context around a crop for its bicubic downscaling: the x``s`` antialiasing cubic
+#: reaches 2 LR pixels (2·s HR pixels) to each side; one more for safety.
+LR_MARGIN = 3
 
 
 @dataclass(frozen=True)
@@ -121,14 +126,26 @@ class PatchDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, top, left, code = self.plan(index)
         entry, p, s = self.entries[image], self.patch_size, self.scale
-        hr = self._read(entry.hr)[top:top + p, left:left + p]
+        image_hr = self._read(entry.hr)
+        hr = image_hr[top:top + p, left:left + p]
         if entry.lr is None:
-            lr = imresize(hr, 1 / s)
-            if self.quantize_lr:
-                lr = np.round(np.clip(lr, 0, 1) * 255) / 255
+            lr = self._bicubic_lr(image_hr, top, left)
         else:
             lr = self._read(entry.lr)[top // s:(top + p) // s, left // s:(left + p) // s]
         return _to_tensor(augment(lr, code)), _to_tensor(augment(hr, code))
+
+    def _bicubic_lr(self, image: np.ndarray, top: int, left: int) -> np.ndarray:
+        """The LR patch under the HR crop at (top, left), equal to the same crop of the whole
+        mod-cropped image's bicubic LR: the crop is downscaled with LR_MARGIN pixels of context
+        on each side (where the image has them; at its border imresize mirrors, as for the whole
+        image), which are then cut off. Rounded to 8-bit values if ``quantize_lr``."""
+        s, p = self.scale, self.patch_size
+        height, width = image.shape[0] - image.shape[0] % s, image.shape[1] - image.shape[1] % s
+        y0, x0 = max(0, top - LR_MARGIN * s), max(0, left - LR_MARGIN * s)
+        y1, x1 = min(height, top + p + LR_MARGIN * s), min(width, left + p + LR_MARGIN * s)
+        lr = imresize(image[y0:y1, x0:x1], 1 / s)
+        lr = lr[(top - y0) // s:(top - y0 + p) // s, (left - x0) // s:(left - x0 + p) // s]
+        return np.round(np.clip(lr, 0, 1) * 255) / 255 if self.quantize_lr else lr
 
     def _read(self, path: Path) -> np.ndarray:
         if path in self._cache:
