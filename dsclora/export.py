@@ -10,14 +10,11 @@
 Checkpoints written as ``.safetensors`` carry metadata (``checkpoint_metadata``) that
 ``dsclora.load_model`` reads back (normalisation cannot be read off the shapes).
 """
-import contextlib
 import copy
 import dataclasses
 import importlib
 import inspect
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .atomic import atomic_path
 from .models import SPAN, Conv3XC
 from .models.span import DEFAULT_RGB_MEAN
 from .models.loading import SpanConfig
@@ -175,7 +173,7 @@ def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path, metadata: 
     path = Path(path)
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise ValueError(f"{path}: checkpoint files end in {' or '.join(CHECKPOINT_SUFFIXES)}")
-    with _atomic_path(path) as tmp:
+    with _replacing(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -204,7 +202,7 @@ def export_onnx(model: SPAN, path: str | Path, dtype: torch.dtype = torch.float3
     legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     dynamic_in = {0: "batch", 2: "height", 3: "width"}
     dynamic_out = {0: "batch", 2: "out_height", 3: "out_width"}  # scale x height, scale x width
-    with _atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+    with _replacing(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
         torch.onnx.export(
             plain, (example,), str(tmp), opset_version=ONNX_OPSET, input_names=["input"],
@@ -257,15 +255,7 @@ def _require(module: str, purpose: str):
         ) from exc
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path):
-    """A temporary path beside ``path`` that replaces it only if the block succeeds."""
+def _replacing(path: Path):
+    """``atomic_path`` for an export target whose folder may not exist yet."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return atomic_path(path)

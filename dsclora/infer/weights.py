@@ -1,10 +1,11 @@
 """The default model: released weights downloaded once into a user cache, checksum-pinned."""
 import hashlib
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..atomic import atomic_path
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,9 @@ def fetch(remote: RemoteWeights = DSCF_X4, timeout: float = 60.0) -> Path:
     how_to = (f"download {remote.url} yourself and pass it with --weights PATH "
               f"(Python: dsclora.infer.load(PATH)), or place it at {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{remote.filename}.", suffix=".part")
-    try:
+    with atomic_path(target, suffix=".part") as tmp:  # a failed download leaves nothing behind
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             try:
                 with urllib.request.urlopen(remote.url, timeout=timeout) as response:
                     for chunk in iter(lambda: response.read(1 << 20), b""):
@@ -74,8 +74,4 @@ def fetch(remote: RemoteWeights = DSCF_X4, timeout: float = 60.0) -> Path:
         if digest.hexdigest() != remote.sha256:
             raise DownloadError(f"the {remote.name} weights downloaded from {remote.url} have "
                                 f"sha256 {digest.hexdigest()}, expected {remote.sha256}; {how_to}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target

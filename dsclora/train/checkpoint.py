@@ -7,13 +7,13 @@ file removed: a crash at any point leaves a complete, consistent checkpoint. Wha
 besides (temporary files, a tensor file no JSON points to) is removed by the next ``save``.
 """
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_path
 
 
 class CheckpointStateError(RuntimeError):
@@ -24,30 +24,8 @@ def atomic_write(path: Path, write) -> None:
     """``write(temp_path)`` beside ``path``, fsync, then ``os.replace`` it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_path(path, durable=True) as tmp:
+        write(str(tmp))
 
 
 def save(folder: Path, name: str, tensors: dict[str, torch.Tensor], state: dict) -> Path:
