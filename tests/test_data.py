@@ -1,6 +1,7 @@
 """dsclora.data: image files and MATLAB-compatible bicubic imresize (SPEC §6)."""
 import math
 import os
+import stat
 import struct
 import zlib
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dsclora.atomic import atomic_path
 from dsclora.data import (
     ImageReadError, image_to_tensor, imresize, list_images, load_image, mod_crop, save_image, tensor_to_image,
 )
@@ -278,6 +280,19 @@ def test_save_errors_and_atomicity(tmp_path, monkeypatch):
         save_image(tmp_path / "keep.png", rgb)
     assert (tmp_path / "keep.png").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["keep.png"]
+
+
+def test_atomic_path_gives_umask_permissions_or_keeps_the_replaced_files(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        save_image(tmp_path / "new.png", np.zeros((4, 4, 3)))
+        assert stat.S_IMODE((tmp_path / "new.png").stat().st_mode) == 0o640
+        os.chmod(tmp_path / "new.png", 0o604)
+        with atomic_path(tmp_path / "new.png") as tmp:
+            tmp.write_bytes(b"replaced")
+        assert stat.S_IMODE((tmp_path / "new.png").stat().st_mode) == 0o604
+    finally:
+        os.umask(previous)
 
 
 def test_list_images(tmp_path):

@@ -1,5 +1,7 @@
 """dsclora.infer and `dsclora infer`: merged fused network == reference SPAN, tiling, I/O, CLI, download."""
 import hashlib
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -292,6 +294,9 @@ def test_cli_batch_keeps_alpha_gray_16bit_and_survives_a_corrupt_file(tmp_path, 
     np.testing.assert_allclose(deep.rgb, up(load_image(src / "b_16.png").rgb), atol=1e-4)
     gray = load_image(out / "c_gray_x2.png")
     assert gray.gray and gray.rgb.shape == (10, 16, 3)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~umask}  # not mkstemp's 0o600
 
 
 def test_cli_output_scale_and_argument_errors(tmp_path, capsys):
