@@ -1,7 +1,10 @@
 """DSCLoRA's training objective (SPEC §4, paper Eq. 6–9).
 
 ``L = λ_rec·L_rec(SR_s, HR) + λ_ts·L1(SR_s, SR_t) + λ_ad·Σ_l affinity(F_s^l, F_t^l)``
-over the block outputs F1..F6, defaults (1, 0.1, 0.01); L_rec is L1 (or L2, the paper's ablation).
+over paired feature maps (``loss.features``: the block outputs F1..F6, or the DSCF code's inner
+maps of blocks 1-3), defaults (1, 0.1, 0.01); L_rec is L1 (or L2, the paper's ablation).
+The affinity term's normalisation is FAKD's (its ``spatial_similarity`` + ``nn.L1Loss``): pixel
+vectors divided by (‖F‖ + eps), mean of |A_S − A_T| over (b, i, j), summed over the layers.
 The affinity term uses the fused op ``dsclora_kernels.spatial_affinity_loss`` (memory O(B·C·N)
 instead of the naive O(B·N²)), so large stage-two patches fit in memory.
 """
@@ -51,8 +54,9 @@ class DSCLoRALoss(nn.Module):
     """The weighted sum of the three DSCLoRA terms; a term with weight 0 is not computed.
 
     ``forward(sr_s, hr, sr_t=None, features_s=None, features_t=None)`` with images (B, 3, sH, sW)
-    and lists of block outputs returns ``(total, terms)``; ``terms`` maps "rec", "ts", "ad" to
-    the detached unweighted values of the computed terms (for logging).
+    and lists of feature maps returns ``(total, terms)``; ``terms`` maps "rec", "ts", "ad" to
+    the unweighted values of the computed terms, detached unless ``keep_graph`` (to take each
+    term's gradient on its own).
     """
 
     def __init__(self, rec: float = 1.0, ts: float = 0.1, ad: float = 0.01, reconstruction: str = "l1"):
@@ -69,7 +73,7 @@ class DSCLoRALoss(nn.Module):
     def needs_teacher(self) -> bool:
         return self.weights["ts"] > 0 or self.weights["ad"] > 0
 
-    def forward(self, sr_s, hr, sr_t=None, features_s=None, features_t=None):
+    def forward(self, sr_s, hr, sr_t=None, features_s=None, features_t=None, keep_graph: bool = False):
         sr_s = _full_precision(sr_s)
         pixel = F.l1_loss if self.reconstruction == "l1" else F.mse_loss
         terms = {}
@@ -86,4 +90,4 @@ class DSCLoRALoss(nn.Module):
         if not terms:
             raise ValueError("all loss weights are 0: nothing to optimise")
         total = sum(self.weights[name] * value for name, value in terms.items())
-        return total, {name: value.detach() for name, value in terms.items()}
+        return total, terms if keep_graph else {name: value.detach() for name, value in terms.items()}

@@ -64,6 +64,33 @@ def test_training_form_collapses_exactly():
     assert len(train_feats) == 6 and all(f.shape == (2, 26, 9, 14) for f in eval_feats)
 
 
+def test_dscf_feature_set_is_the_inner_maps_of_blocks_1_to_3(shared):
+    """The released DSCF code distils h1 = silu(c1(x)), h2 = silu(c2(h1)), o3 = c3(h2) of blocks 1-3."""
+    state, _ = read_state_dict(shared / "weights" / "spantiny_ch26_x4_ntire24.pth")
+    model = load_model(state)
+    x = torch.rand(2, 3, 11, 9)
+
+    def conv(name, t):
+        return F.conv2d(t, state[f"{name}.weight"], state[f"{name}.bias"], padding=1)
+
+    mean = torch.tensor([0.4488, 0.4371, 0.4040]).view(1, 3, 1, 1)
+    h, expected = conv("conv_1.eval_conv", (x - mean) * 255.0), []
+    for i in range(1, 4):
+        h1 = F.silu(conv(f"block_{i}.c1_r.eval_conv", h))
+        h2 = F.silu(conv(f"block_{i}.c2_r.eval_conv", h1))
+        o3 = conv(f"block_{i}.c3_r.eval_conv", h2)
+        expected += [h1, h2, o3]
+        h = (o3 + h) * (torch.sigmoid(o3) - 0.5)
+    with torch.no_grad():
+        for fused in (False, True):
+            out, features = model.use_fused_blocks(fused)(x, return_features="dscf")
+            assert len(features) == 9
+            assert max((f - e).abs().max().item() for f, e in zip(features, expected)) < 1e-4
+            assert (out - model.use_fused_blocks(False)(x)).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="return_features"):
+        model(x, return_features="all")
+
+
 def test_training_form_state_dict_round_trip():
     model = SPAN(16, cat_channels=12, upscale=2, form="train")
     loaded = load_model(model.state_dict())

@@ -1,4 +1,5 @@
 """The DSCLoRA trainer: configuration, data, checkpoints, exact resume after SIGKILL, DDP, export."""
+import csv
 import json
 import os
 import random
@@ -110,6 +111,8 @@ def test_yaml_configuration(tmp_path):
     ("", "stages.0.patch_size=-4", "stages[0].patch_size"),
     ("", "amp=fp8", "amp"),
     ("", "loss.reconstruction=huber", "loss.reconstruction"),
+    ("", "loss.features=all", "loss.features"),
+    ("", "stages.0.schedule=linear", r"stages[0].schedule"),
     ("", "model.teacher=", "model.teacher"),
     ("", "data.lr=['a', 'b']", "data.lr"),
     ("", "nonsense", "KEY=VALUE"),
@@ -245,24 +248,59 @@ def test_training_run_folder_export_and_validation(tiny):
     run = tiny / "run"
     assert result.iterations == 5 and result.skipped_steps == 0
     assert load_config(run / "config.toml") == config
-    rows = (run / "train_log.csv").read_text().splitlines()
-    assert rows[0].startswith("iteration,stage,lr,loss,rec,ts,ad") and len(rows) == 1 + 4  # it 2, 3 (stage end), 4, 5
-    assert len((run / "validation.csv").read_text().splitlines()) == 1 + 4
+    rows = list(csv.DictReader(open(run / "train_log.csv")))
+    assert [int(r["iteration"]) for r in rows] == [2, 3, 4, 5]  # every 2 and at the end of stage 1
+    assert all(float(r[f"grad_{term}"]) > 0 for r in rows for term in ("rec", "ts", "ad"))
+    validation = list(csv.DictReader(open(run / "validation.csv")))
+    assert [int(r["iteration"]) for r in validation] == [0, 2, 3, 4, 5]  # 0: the base model
     assert Image.open(run / "loss_curve.png").format == "PNG"
     table = (run / "results.md").read_text()
     assert all(name in table for name in ("bicubic", "base", "dsclora", "teacher", "val"))
-    # the export is a plain SPAN in the official layout, equal to the merged EMA student
-    state = torch.load(run / "dsclora_x2.pth", weights_only=True)
-    official = SPAN(8, upscale=2, form="eval").state_dict()
-    assert set(state) == set(official)
-    plain = SPAN(8, upscale=2, form="eval")
-    plain.load_state_dict(state, strict=True)
+    # the exports are plain SPANs in the official layout: dsclora_x2 the best validated model
+    # (first maximum of the mean PSNR, the base at iteration 0 included), _last the final EMA
+    psnrs = [float(r["psnr"]) for r in validation]
+    best_iteration = int(validation[psnrs.index(max(psnrs))]["iteration"])
+    assert json.loads((run / "checkpoints" / "best.json").read_text())["iteration"] == best_iteration
+    assert f"dsclora (best: it {best_iteration})" in table
+    state = torch.load(run / "dsclora_x2_last.pth", weights_only=True)
+    assert set(state) == set(SPAN(8, upscale=2, form="eval").state_dict())
+    last = SPAN(8, upscale=2, form="eval")
+    last.load_state_dict(state, strict=True)
     x = torch.rand(1, 3, 9, 7)
-    trainer_model = Trainer(config, resume=True).deployed_model()  # EMA of the last checkpoint, merged
+    trainer = Trainer(config, resume=True)
+    best_tensors, _ = checkpoint.load(run / "checkpoints", "best")
     with torch.no_grad():
-        assert torch.allclose(plain(x), load_model(run / "dsclora_x2.safetensors")(x), atol=1e-6)
-        assert torch.allclose(plain(x), trainer_model(x), atol=1e-5)
-        assert not torch.allclose(plain(x), load_model(tiny / "base.pth")(x), atol=1e-4)  # it trained
+        assert torch.allclose(last(x), load_model(run / "dsclora_x2_last.safetensors")(x), atol=1e-6)
+        assert torch.allclose(last(x), trainer.deployed_model()(x), atol=1e-5)  # EMA of the last checkpoint
+        assert not torch.allclose(last(x), load_model(tiny / "base.pth")(x), atol=1e-4)  # it trained
+        best = trainer.deployed_model({n: best_tensors[f"ema.{n}"] for n in trainer.params})
+        assert torch.allclose(load_model(run / "dsclora_x2.pth")(x), best(x), atol=1e-5)
+
+
+def test_the_export_is_the_base_when_no_fine_tuned_model_validates_better(tiny, caplog):
+    # a learning rate that wrecks the adapters: every validation after iteration 0 is worse
+    config = load_config(tiny_config(tiny), [f'validation.hr=["{tiny / "val"}"]', "validation.every=1",
+                                             "stages.0.lr=5.0", "stages.1.lr=5.0", "loss.ad=0"])
+    with caplog.at_level("WARNING", logger="dsclora"):
+        Trainer(config).run()
+    run = tiny / "run"
+    validation = list(csv.DictReader(open(run / "validation.csv")))
+    assert max(float(r["psnr"]) for r in validation[1:]) < float(validation[0]["psnr"])
+    assert "no validated checkpoint beat the base model" in caplog.text
+    exported = torch.load(run / "dsclora_x2.pth", weights_only=True)
+    base = torch.load(tiny / "base.pth", weights_only=True)
+    assert exported.keys() == base.keys() and all(torch.equal(exported[k], base[k]) for k in base)
+
+
+def test_cosine_schedule_and_dscf_features(tiny):
+    config = load_config(tiny_config(tiny), ['stages.0.schedule="cosine"', 'loss.features="dscf"',
+                                             "log_every=1"])
+    assert [config.stages[0].lr_at(i) for i in range(3)] == pytest.approx([1e-3, 0.75e-3, 0.25e-3])
+    assert config.stages[1].lr_at(1) == 1e-3
+    Trainer(config).run()
+    rows = list(csv.DictReader(open(tiny / "run" / "train_log.csv")))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3, 0.75e-3, 0.25e-3, 1e-3, 1e-3])
+    assert all(float(r["ad"]) > 0 for r in rows)
 
 
 def test_existing_run_needs_resume(tiny):

@@ -6,6 +6,12 @@ from torch import nn
 from .conv3xc import Conv3XC
 
 DEFAULT_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+#: Feature maps ``SPAN.forward(x, return_features=...)`` returns for distillation (SPEC §4):
+#: "blocks": the six block outputs F1..F6; "dscf": the nine maps the authors' released DSCF code
+#: returns, h1 = silu(c1_r(x)), h2 = silu(c2_r(h1)) and o3 = c3_r(h2) of blocks 1, 2 and 3.
+FEATURE_SETS = ("blocks", "dscf")
+#: Blocks whose inner maps (h1, h2, o3) the "dscf" set distils.
+DSCF_FEATURE_BLOCKS = 3
 
 
 class SPAB(nn.Module):
@@ -31,10 +37,16 @@ class SPAB(nn.Module):
             weights = [*self.c1_r.weight_and_bias(), *self.c2_r.weight_and_bias(), *self.c3_r.weight_and_bias()]
             # in x's dtype, as autocast would cast them for F.conv2d (a no-op otherwise)
             return dsclora_kernels.spab(x, *(t.to(x.dtype) for t in weights))
+        out, h1, _, _ = self.forward_inner(x)
+        return out, h1
+
+    def forward_inner(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(out, h1, h2, o3), each (B, C, H, W): the block output and its three convolutions'
+        outputs (h1, h2 after their SiLU, o3 before the attention); always the plain path."""
         h1 = F.silu(self.c1_r(x))
         h2 = F.silu(self.c2_r(h1))
         o3 = self.c3_r(h2)
-        return (o3 + x) * (torch.sigmoid(o3) - 0.5), h1
+        return (o3 + x) * (torch.sigmoid(o3) - 0.5), h1, h2, o3
 
 
 class SPAN(nn.Module):
@@ -77,17 +89,32 @@ class SPAN(nn.Module):
     def blocks(self) -> list[SPAB]:
         return [getattr(self, f"block_{i}") for i in range(1, 7)]
 
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        """SR image; with ``return_features`` also the six block outputs [F1..F6] (B, C, H, W)."""
+    def forward(self, x: torch.Tensor, return_features: bool | str = False):
+        """SR image; with ``return_features`` also a list of (B, C, H, W) feature maps: one of
+        FEATURE_SETS (``True`` means "blocks"). The "dscf" maps of blocks 1-3 come from the plain
+        path, since the fused op returns only (out, h1) (the fallback is logged once)."""
+        feature_set = "blocks" if return_features is True else return_features
+        if feature_set and feature_set not in FEATURE_SETS:
+            raise ValueError(f"return_features must be a bool or one of {FEATURE_SETS}, got {return_features!r}")
         f0 = self.conv_1((x - self.mean) * self.img_range)
-        features, h = [], f0
-        for block in self.blocks:
-            h, h1 = block(h)
-            features.append(h)
-        f1, f6 = features[0], features[-1]
-        cat = torch.cat([f0, self.conv_2(f6), f1, h1], dim=1)
+        outputs, features, h = [], [], f0
+        for index, block in enumerate(self.blocks):
+            if feature_set == "dscf" and index < DSCF_FEATURE_BLOCKS:
+                if block.fused:
+                    from dsclora_kernels._log import fallback
+
+                    fallback("spab:dscf-features", "the DSCF feature set needs h2 and o3 of blocks 1-3, "
+                             "which the fused op does not return; those blocks run the plain path")
+                h, h1, h2, o3 = block.forward_inner(h)
+                features += [h1, h2, o3]
+            else:
+                h, h1 = block(h)
+            outputs.append(h)
+        cat = torch.cat([f0, self.conv_2(outputs[-1]), outputs[0], h1], dim=1)
         out = self.upsampler(self.conv_cat(cat))
-        return (out, features) if return_features else out
+        if not feature_set:
+            return out
+        return out, (outputs if feature_set == "blocks" else features)
 
     def use_fused_blocks(self, enabled: bool = True) -> "SPAN":
         """Run every SPAB as the fused op ``dsclora_kernels.spab`` (or not); returns self."""

@@ -6,11 +6,16 @@ every key. ``load_config(path, overrides)`` validates as it builds, and every er
 """
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsclora.lora import PAPER_RANKS, TARGET_LAYERS
+from dsclora.models.span import FEATURE_SETS
+
+#: Learning-rate schedules within a stage: constant, or cosine decay from the stage's lr to 0.
+SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
@@ -44,14 +49,22 @@ class StageConfig:
     patch_size: int = 256               # HR patch side; the LR patch is patch_size / scale
     batch_size: int = 8                 # global batch (split over the processes of a distributed run)
     lr: float = 1e-4
+    schedule: str = "constant"          # "constant" or "cosine" (decay from lr to 0 over the stage)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the stage's ``step``-th iteration (0-based)."""
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * step / self.iterations))
+        return self.lr
 
 
 @dataclass
 class LossConfig:
     rec: float = 1.0                    # λ_rec: reconstruction against HR
     ts: float = 0.1                     # λ_ts: L1 to the teacher's output
-    ad: float = 0.01                    # λ_ad: spatial affinity of the six block outputs
+    ad: float = 0.01                    # λ_ad: spatial affinity of the feature maps below
     reconstruction: str = "l1"          # "l1" or "l2"
+    features: str = "blocks"            # distilled maps: "blocks" (F1..F6) or "dscf" (convs of blocks 1-3)
 
 
 @dataclass
@@ -251,10 +264,12 @@ def validate(config: TrainConfig, source: str = "configuration") -> None:
         check(stage.patch_size > 0, f"stages[{i}].patch_size", "must be > 0")
         check(stage.batch_size > 0, f"stages[{i}].batch_size", "must be > 0")
         check(stage.lr > 0, f"stages[{i}].lr", "must be > 0")
+        check(stage.schedule in SCHEDULES, f"stages[{i}].schedule", f"must be one of {SCHEDULES}")
     for name in ("rec", "ts", "ad"):
         check(getattr(config.loss, name) >= 0, f"loss.{name}", "must be >= 0")
     check(config.loss.rec + config.loss.ts + config.loss.ad > 0, "loss", "all weights are 0")
     check(config.loss.reconstruction in ("l1", "l2"), "loss.reconstruction", "must be 'l1' or 'l2'")
+    check(config.loss.features in FEATURE_SETS, "loss.features", f"must be one of {FEATURE_SETS}")
     check(bool(config.model.teacher) or config.loss.ts == config.loss.ad == 0, "model.teacher",
           "a teacher checkpoint is required when loss.ts or loss.ad is > 0")
     check(all(r > 0 for r in config.model.ranks.values()), "model.ranks", "ranks must be > 0")

@@ -40,7 +40,9 @@ from .runlog import CsvLog, TensorBoard
 logger = logging.getLogger("dsclora")
 
 TERMS = ("rec", "ts", "ad")
-TRAIN_FIELDS = ["iteration", "stage", "lr", "loss", *TERMS, "skipped", "it_per_s"]
+#: ‖∇ of λ·term‖ over the adapters, measured on the last step of each logging interval.
+GRAD_NORMS = tuple(f"grad_{term}" for term in TERMS)
+TRAIN_FIELDS = ["iteration", "stage", "lr", "loss", *TERMS, *GRAD_NORMS, "skipped", "it_per_s"]
 VALIDATION_FIELDS = ["iteration", "dataset", "psnr", "ssim"]
 
 
@@ -268,18 +270,21 @@ class Trainer:
             return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def step(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float] | None:
-        """One optimisation step; returns the loss terms, or None if it was skipped (non-finite)."""
+    def step(self, lr: torch.Tensor, hr: torch.Tensor, grad_norms: bool = False) -> dict[str, float] | None:
+        """One optimisation step; returns the loss terms (and with ``grad_norms`` the gradient
+        norm of each weighted term, GRAD_NORMS), or None if it was skipped (non-finite)."""
         device = self.ctx.device
         lr, hr = lr.to(device, non_blocking=True), hr.to(device, non_blocking=True)
-        features = self.loss_fn.weights["ad"] > 0
+        features = self.config.loss.features if self.loss_fn.weights["ad"] > 0 else False
         with self._autocast():
             sr_s, f_s = self._forward(self.model, lr, features)
             sr_t = f_t = None
             if self.teacher is not None:
                 with torch.no_grad():
                     sr_t, f_t = self._forward(self.teacher, lr, features)
-            total, terms = self.loss_fn(sr_s, hr, sr_t, f_s, f_t)
+            total, terms = self.loss_fn(sr_s, hr, sr_t, f_s, f_t, keep_graph=grad_norms)
+        term_norms = self._term_gradient_norms(terms) if grad_norms else {}
+        terms = {name: value.detach() for name, value in terms.items()}
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         grads = [p.grad for p in self.params.values() if p.grad is not None]
@@ -299,12 +304,23 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.config.optim.grad_clip)
         self.optimizer.step()
         self.ema.update(self.params)
-        names = ["loss", *terms]
-        values = torch.stack([total.detach().float(), *(v.float() for v in terms.values())])
+        names = ["loss", *terms, *term_norms]
+        values = torch.stack([total.detach().float(), *(v.float() for v in (*terms.values(), *term_norms.values()))])
         return dict(zip(names, distributed.mean(self.ctx, values).tolist()))
 
+    def _term_gradient_norms(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{grad_<term>: ‖∂(λ·term)/∂adapters‖} (this process's batch; one extra backward each)."""
+        params = list(self.params.values())
+        norms = {}
+        for name, value in terms.items():
+            grads = torch.autograd.grad(self.loss_fn.weights[name] * value, params, retain_graph=True,
+                                        allow_unused=True)
+            norms[f"grad_{name}"] = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads if g is not None]))
+        return norms
+
     @staticmethod
-    def _forward(model, lr, features: bool):
+    def _forward(model, lr, features: bool | str):
         out = model(lr, return_features=features)
         return out if features else (out, None)
 
@@ -321,6 +337,8 @@ class Trainer:
         self._log_lines = bar.disable
         try:
             with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(), self._stop_signals():
+                if self.iteration == 0 and self.val_sets:
+                    self.validate()  # the base model (all ΔW = 0): the candidate to beat
                 while self.iteration < total:
                     self._run_stage(bar)
                     distributed.barrier(self.ctx)
@@ -335,23 +353,26 @@ class Trainer:
         config = self.config
         stage_index, stage = config.stage_at(self.iteration)
         stop = sum(s.iterations for s in config.stages[:stage_index + 1])
-        for group in self.optimizer.param_groups:
-            group["lr"] = stage.lr
-        sums, count, since, last = dict.fromkeys(["loss", *TERMS], 0.0), 0, 0, time.perf_counter()
+        start = stop - stage.iterations
+        sums, counts, since, last = {}, {}, 0, time.perf_counter()
         for lr, hr in self._loader(stage_index, self.iteration, stop):
-            values = self.step(lr, hr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = stage.lr_at(self.iteration - start)
+            log_now = (self.iteration + 1) % config.log_every == 0 or self.iteration + 1 == stop
+            values = self.step(lr, hr, grad_norms=log_now)
             self.iteration += 1
             if values is not None:
-                count += 1
                 for k, v in values.items():
-                    sums[k] += v
-                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+                    sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
+                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", *TERMS)},
+                                refresh=False)
             bar.update(1)
             since += 1
-            if self.iteration % config.log_every == 0 or self.iteration == stop:
+            if log_now:
                 now = time.perf_counter()
-                self._log_train(stage_index, stage.lr, sums, count, since / (now - last))
-                sums, count, since, last = dict.fromkeys(sums, 0.0), 0, 0, now
+                self._log_train(stage_index, self.optimizer.param_groups[0]["lr"],
+                                {k: v / counts[k] for k, v in sums.items()}, since / (now - last))
+                sums, counts, since, last = {}, {}, 0, now
             if self.iteration % config.checkpoint_every == 0 or self.iteration == stop:
                 self.save_checkpoint()
             if self.val_sets and (self.iteration % config.validation.every == 0 or self.iteration == stop):
@@ -391,16 +412,17 @@ class Trainer:
             return self._stop_signal is not None
         return not distributed.all_true(self.ctx, torch.tensor(self._stop_signal is None, device=self.ctx.device))
 
-    def _log_train(self, stage: int, lr: float, sums: dict, count: int, it_per_s: float) -> None:
+    def _log_train(self, stage: int, lr: float, means: dict, it_per_s: float) -> None:
+        """One train_log.csv row: the interval's mean loss terms (missing: none was finite)."""
         if not self.ctx.is_main:
             return
-        means = {k: (v / count if count else float("nan")) for k, v in sums.items()}
-        row = {"iteration": self.iteration, "stage": stage, "lr": lr, **{k: f"{v:.6g}" for k, v in means.items()},
-               "skipped": self.skipped, "it_per_s": f"{it_per_s:.3f}"}
+        row = {"iteration": self.iteration, "stage": stage, "lr": f"{lr:.6g}",
+               **{k: f"{v:.6g}" for k, v in means.items()}, "skipped": self.skipped, "it_per_s": f"{it_per_s:.3f}"}
         self.train_log.write(row)
         if self._log_lines:
             logger.info("dsclora: iteration %d/%d (stage %d): loss %s, %.2f it/s, %d skipped",
-                        self.iteration, self.config.total_iterations, stage, row["loss"], it_per_s, self.skipped)
+                        self.iteration, self.config.total_iterations, stage, row.get("loss", "nan"), it_per_s,
+                        self.skipped)
         self.tensorboard.add_scalars(self.iteration, {f"loss/{k}": v for k, v in means.items()
                                                       if math.isfinite(v)})
 
@@ -439,19 +461,26 @@ class Trainer:
             self._save("best", tensors, {"iteration": self.iteration, "psnr": mean_psnr})
 
     def _finish(self) -> TrainResult:
+        """Export ``dsclora_x{s}``: the best validated model, the base (iteration 0) included, or
+        without validation the last one; with validation also ``dsclora_x{s}_last``."""
         result = TrainResult(self.run_dir, self.iteration, self.skipped)
         if not self.ctx.is_main:
             return result
         lora = lora_config(self.student)
         final = self.deployed_model()
-        result.exported.update(self._export(final, "", lora))
-        models = {"dsclora": final}
         best = checkpoint.load(self.ckpt_dir, "best")
-        if best is not None:
+        if best is None:
+            result.exported.update(self._export(final, "", lora))
+            models = {"dsclora": final}
+        else:
             tensors, state = best
-            best_model = self.deployed_model({n: tensors[f"ema.{n}"] for n in self.params})
-            result.exported.update(self._export(best_model, "_best", lora))
-            models[f"dsclora best (it {state['iteration']})"] = best_model
+            selected = self.deployed_model({n: tensors[f"ema.{n}"] for n in self.params})
+            if state["iteration"] == 0:
+                logger.warning("dsclora: no validated checkpoint beat the base model; %s is the base",
+                               f"dsclora_x{self.scale}")
+            result.exported.update(self._export(selected, "", lora))
+            result.exported.update(self._export(final, "_last", lora))
+            models = {f"dsclora (best: it {state['iteration']})": selected, "dsclora last": final}
         if self.val_sets:
             models = {"bicubic": bicubic_upscaler(self.scale),
                       "base": self._plain(load_span(self.config.model.base, "base")), **models}
