@@ -81,12 +81,12 @@ def run_variant(name: str, overrides: list[str], args, data: tuple[list[str], li
         shutil.rmtree(run_dir)
     budget = [f"stages=[{{iterations = {args.iterations}, patch_size = {args.patch}, "
               f"batch_size = {args.batch}, lr = 1e-4}}]"]
-    base = [f'run_dir="{run_dir}"', f'model.base="{SHARED / "weights" / BASE}"',
+    settings = [f'run_dir="{run_dir}"', f'model.base="{SHARED / "weights" / BASE}"',
             f'model.teacher="{SHARED / "weights" / TEACHER}"', f"data.hr={json.dumps(data[0])}",
             f"validation.hr={json.dumps(data[1])}", f"validation.every={args.validate_every}",
             f"data.workers={args.workers}", f"seed={args.seed}", "progress=false",
             f"log_every={args.validate_every // 2}", f"checkpoint_every={args.iterations}"]
-    config = load_config(None, base + budget + overrides)
+    config = load_config(None, settings + budget + overrides)
     start = time.perf_counter()
     result = Trainer(config).run()
     seconds = time.perf_counter() - start

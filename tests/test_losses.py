@@ -39,6 +39,29 @@ def test_total_is_the_weighted_sum_of_the_spec_terms(reconstruction):
     assert all(not t.requires_grad for t in terms.values())
 
 
+def test_affinity_term_is_fakds_spatial_affinity_loss():
+    """FAKD (github Vincent-Hoo/Knowledge-Distillation-for-Super-resolution): F/(‖F‖ + 1e-7) per
+    pixel, S = F̂ᵀF̂ (bmm), nn.L1Loss (mean over b, i, j), summed over the layers by FeatureLoss.
+    Ours uses eps = 1e-8: with features of norm ~1 the two differ by ~1e-7 relative."""
+    def fakd_similarity(f):
+        f = f.reshape(f.shape[0], f.shape[1], -1)
+        return (f / (f.pow(2).sum(1).sqrt().unsqueeze(1) + 1e-7)).transpose(1, 2).bmm(
+            f / (f.pow(2).sum(1).sqrt().unsqueeze(1) + 1e-7))
+
+    _, _, _, f_s, f_t = make_inputs(b=3, c_s=4, c_t=9, h=7, w=5)
+    fakd = sum(torch.nn.functional.l1_loss(fakd_similarity(a), fakd_similarity(b)) for a, b in zip(f_s, f_t))
+    ours = affinity_distillation(f_s, f_t)
+    assert torch.allclose(ours, fakd, rtol=1e-5) and not torch.allclose(ours, fakd * 1.001, rtol=1e-5)
+
+
+def test_terms_keep_their_graph_on_request():
+    sr_s, hr, sr_t, f_s, f_t = make_inputs(b=1, h=3, w=3)
+    _, terms = DSCLoRALoss()(sr_s, hr, sr_t, f_s, f_t, keep_graph=True)
+    assert all(t.requires_grad for t in terms.values())
+    (g_ad,) = torch.autograd.grad(terms["ad"], [f_s[0]])
+    assert g_ad.abs().sum() > 0
+
+
 def test_defaults_are_the_papers():
     assert DSCLoRALoss().weights == {"rec": 1.0, "ts": 0.1, "ad": 0.01}
     assert DSCLoRALoss().reconstruction == "l1"
