@@ -4,7 +4,8 @@ Adam on the adapters, EMA, two patch-size stages, validation, exact resume, expo
 Run folder (``config.run_dir``): ``config.toml`` (the resolved configuration), ``train_log.csv``,
 ``validation.csv``, ``checkpoints/`` (``last``/``best``), ``tensorboard/`` (if installed),
 ``loss_curve.png``, ``results.md``/``results.json`` and the exported plain SPAN
-``dsclora_x{s}.pth``/``.safetensors`` (+ ``_best`` when validation ran).
+``dsclora_x{s}.pth``/``.safetensors``: with validation sets, the best validated model, the base
+itself (validated at iteration 0) among the candidates, plus the final one as ``_last``.
 """
 import contextlib
 import copy
