@@ -151,10 +151,11 @@ Problem problem(const TensorArg& xs, const TensorArg& xt, const std::optional<Te
   const auto inverse_norms = [&](const std::optional<TensorArg>& arg, const char* name) {
     return contiguous_data<double>(arg, std::array<int64_t, 2>{batch, n}, std::string("affinity_l1: ") + name);
   };
-  return Problem{operand(xs, cs, ld, "xs"), operand(xt, ct, ld, "xt"), operand(gs, cs, ld, "gs"),
-                 operand(gt, ct, ld, "gt"), operand(fs, cs, n, "fs"),  operand(ft, ct, n, "ft"),
-                 inverse_norms(rs, "rs"),   inverse_norms(rt, "rt"),   batch, cs, ct, ld, n, tie_bound,
-                 std::max(1, threads)};
+  return Problem{operand(xs, cs, ld, "xs"), operand(xt, ct, ld, "xt"),
+                 operand(gs, cs, ld, "gs"), operand(gt, ct, ld, "gt"),
+                 operand(fs, cs, n, "fs"), operand(ft, ct, n, "ft"),
+                 inverse_norms(rs, "rs"), inverse_norms(rt, "rt"),
+                 batch, cs, ct, ld, n, tie_bound, std::max(1, threads)};
 }
 
 // Σ_b Σ_ij |D_ij| from x̂_s (B, Cs, ld), x̂_t (B, Ct, ld) and the raw features F_s (B, Cs, n), F_t (B, Ct, n),

@@ -35,8 +35,10 @@
 // Target features of the two x86 paths; detection below checks exactly these.
 #define DSCLORA_AVX2_FEATURES "avx2,fma"
 #define DSCLORA_AVX512_FEATURES "avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
-// Every function declared between DSCLORA_TARGET_PUSH(features) and DSCLORA_TARGET_POP is
-// compiled for `features` (the code is only called after detection says the CPU has them).
+// A function marked DSCLORA_TARGET(features), and every function declared between
+// DSCLORA_TARGET_PUSH(features) and DSCLORA_TARGET_POP, is compiled for `features` (such code is
+// only called after detection says the CPU has them).
+#define DSCLORA_TARGET(features) __attribute__((target(features)))
 #ifdef __clang__
 #define DSCLORA_TARGET_PUSH(features) \
   DSCLORA_PRAGMA(clang attribute push(__attribute__((target(features))), apply_to = function))

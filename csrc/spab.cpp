@@ -117,16 +117,18 @@ inline void store_row(const float* src, int64_t L, int C, const View& v, int n, 
 
 namespace generic {
 using V = Generic;
+#define SPAB_TARGET
 #include "spab_kernel.h"
+#undef SPAB_TARGET
 }  // namespace generic
 
 #ifdef DSCLORA_X86
-DSCLORA_TARGET_PUSH(DSCLORA_AVX2_FEATURES)
 namespace avx2 {
 using V = Avx2;
+#define SPAB_TARGET DSCLORA_TARGET(DSCLORA_AVX2_FEATURES)
 #include "spab_kernel.h"
+#undef SPAB_TARGET
 }  // namespace avx2
-DSCLORA_TARGET_POP
 
 // GCC 12's AVX-512 intrinsics (min, max, round, reduce, ...) pass _mm512_undefined_ps() as the
 // masked-off source and trip false -W(maybe-)uninitialized warnings (GCC bug 105593).
@@ -135,12 +137,12 @@ DSCLORA_TARGET_POP
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-DSCLORA_TARGET_PUSH(DSCLORA_AVX512_FEATURES)
 namespace avx512 {
 using V = Avx512;
+#define SPAB_TARGET DSCLORA_TARGET(DSCLORA_AVX512_FEATURES)
 #include "spab_kernel.h"
+#undef SPAB_TARGET
 }  // namespace avx512
-DSCLORA_TARGET_POP
 #if !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
