@@ -1,7 +1,7 @@
 // SIMD vector traits for the SPAB kernel: one struct per instruction set, same interface.
 //
-// spab.cpp compiles csrc/spab_kernel.h once per struct (the x86 ones inside the target region of
-// their instruction set, cpu_features.h) and picks one at run time.
+// spab.cpp compiles csrc/spab_kernel.h once per struct and picks one at run time; the members of
+// the x86 structs are compiled for their instruction set (a target region of cpu_features.h).
 // A register tile of the convolution holds up to `acc_regs` accumulators of up to
 // `max_block` output channels, plus max_block broadcast weights and one input vector
 // (12 + 3 + 1 = 16 ymm or xmm; 24 + 4 + 1 of 32 zmm or NEON registers).
