@@ -88,11 +88,11 @@ def _pack_cpu(*weights: Tensor, isa: str) -> tuple[Tensor, ...]:
     return tuple(packed)
 
 
-def _cpp(weights: tuple[Tensor, ...]) -> tuple:
-    """(ISA, the packed weights as kernel arguments, the packed tensors: keep them alive during the call)."""
+def _cpp(weights: tuple[Tensor, ...]) -> tuple[str, list]:
+    """(ISA, the weights packed for it as kernel arguments)."""
     isa = _native.isa("spab")
     packed = _cached(weights, f"cpu:{isa}", lambda *w: _pack_cpu(*w, isa=isa))
-    return isa, [_arg(p, name) for p, name in zip(packed, _WEIGHT_NAMES)], packed
+    return isa, [_arg(p, name) for p, name in zip(packed, _WEIGHT_NAMES)]
 
 
 # ---- forward ----
@@ -110,7 +110,7 @@ def spab(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, 
         return out, h1
     backend = _backend(x)
     if backend == "cpp":
-        isa, packed, _keep = _cpp(weights)
+        isa, packed = _cpp(weights)
         _native.call("spab", "forward", _arg(x, "x"), _arg(out, "out"), _arg(h1, "h1"), packed,
                      threads=torch.get_num_threads(), isa=isa)
     elif backend == "triton":
@@ -136,7 +136,7 @@ def _recompute(x: Tensor, g_out: Tensor, weights: tuple[Tensor, ...], backend: s
         return spab_recompute_reference(x, g_out, *weights)
     outputs = tuple(torch.empty_like(x) for _ in range(6))
     if backend == "cpp":
-        isa, packed, _keep = _cpp(weights)
+        isa, packed = _cpp(weights)
         names = ("h1", "h2", "d1", "d2", "g_o3", "g_xres")
         _native.call("spab", "recompute", _arg(x, "x"), _arg(g_out, "g_out"),
                      [_arg(t, name) for t, name in zip(outputs, names)], packed,

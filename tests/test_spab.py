@@ -82,7 +82,7 @@ TILINGS = [(8, 3, 3), (5, 1, 2), (13, 4, 1), (64, 2, 4)]  # strip width, band he
 def test_cpp_tilings_give_the_same_result(strip_width, band_height, threads):
     """Strips and bands recompute their halos: every tiling must equal the reference."""
     x, weights = block_inputs(2, 26, 10, 29)
-    isa, packed, _ = spab_module._cpp(weights)
+    isa, packed = spab_module._cpp(weights)
     out, h1 = torch.empty_like(x), torch.empty_like(x)
     arg = spab_module._arg
     _native.call("spab", "forward", arg(x, "x"), arg(out, "out"), arg(h1, "h1"), packed, threads=threads, isa=isa,
