@@ -10,8 +10,9 @@
 // so that ∂Σ|D|/∂x̂_s = 2 G_s and ∂Σ|D|/∂x̂_t = −2 G_t (D is symmetric). Zero (padding) pixels
 // contribute nothing. Without gradients only the upper triangle of tiles is visited.
 //
-// SIMD: the tile code (affinity_tiles.h) is compiled for SSE2, AVX2+FMA and AVX-512 and chosen at
-// run time; no -march flags are needed.
+// SIMD: the tile code (affinity_tiles.h) is compiled for every instruction set of cpu_features.h
+// (generic: SSE2 or NEON) and chosen at run time; no -march flags are needed. Tensors arrive as
+// TensorArgs (tensor_view.h).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -21,9 +22,13 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "cpu_features.h"
 #include "parallel.h"
+#include "tensor_view.h"
 
 namespace py = pybind11;
 
@@ -91,88 +96,97 @@ double exact_difference(const Image<T>& im, int64_t i, int64_t j) {
 
 namespace generic {
 constexpr int kVectorBytes = 16, kTileColumns = 6, kTileChannels = 6;
+#include "simd_vector.h"
 #include "affinity_tiles.h"
 }  // namespace generic
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DSCLORA_AFFINITY_X86 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#ifdef DSCLORA_X86
+DSCLORA_TARGET_PUSH(DSCLORA_AVX2_FEATURES)
 namespace avx2 {
 constexpr int kVectorBytes = 32, kTileColumns = 6, kTileChannels = 6;
+#include "simd_vector.h"
 #include "affinity_tiles.h"
 }  // namespace avx2
-#pragma GCC pop_options
+DSCLORA_TARGET_POP
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
+DSCLORA_TARGET_PUSH(DSCLORA_AVX512_FEATURES)
 namespace avx512 {
 constexpr int kVectorBytes = 64, kTileColumns = 6, kTileChannels = 12;
+#include "simd_vector.h"
 #include "affinity_tiles.h"
 }  // namespace avx512
-#pragma GCC pop_options
+DSCLORA_TARGET_POP
 #endif
 
-// Instruction sets this CPU can run, best first.
-std::vector<std::string> supported_isas() {
-  std::vector<std::string> isas;
-#ifdef DSCLORA_AFFINITY_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-    isas.push_back("avx512");
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isas.push_back("avx2");
-#endif
-  isas.push_back("generic");
-  return isas;
-}
+using cpu::Isa;
 
 template <typename T>
-double run(const Problem& p, const std::string& isa) {
-#ifdef DSCLORA_AFFINITY_X86
-  if (isa == "avx512") return avx512::run<T>(p);
-  if (isa == "avx2") return avx2::run<T>(p);
+double run(const Problem& p, Isa isa) {
+  switch (isa) {
+#ifdef DSCLORA_X86
+    case Isa::avx512: return avx512::run<T>(p);
+    case Isa::avx2: return avx2::run<T>(p);
 #endif
-  return generic::run<T>(p);
+    default: return generic::run<T>(p);
+  }
 }
 
-// Σ_b Σ_ij |D_ij|; fills G_s / G_t (zeroed by the caller) where their pointers are non-zero.
+// The Problem of affinity_l1's tensors in T (float or double); see there.
+template <typename T>
+Problem problem(const TensorArg& xs, const TensorArg& xt, const std::optional<TensorArg>& gs,
+                const std::optional<TensorArg>& gt, const TensorArg& fs, const TensorArg& ft,
+                const std::optional<TensorArg>& rs, const std::optional<TensorArg>& rt, double tie_bound, int threads) {
+  const auto s = view<T, 3>(xs, "affinity_l1: xs"), f = view<T, 3>(fs, "affinity_l1: fs");
+  const int64_t batch = s.shape[0], cs = s.shape[1], ld = s.shape[2], n = f.shape[2];
+  const int64_t ct = view<T, 3>(xt, "affinity_l1: xt").shape[1];
+  if (cs < 1 || ct < 1) throw std::invalid_argument("affinity_l1: need channels >= 1");
+  if (ld < row_blocks(n) * kRowBlock)
+    throw std::invalid_argument("affinity_l1: the rows of xs, xt (" + std::to_string(ld) +
+                                ") must cover whole row blocks: use leading_dimension(n)");
+  if (tie_bound > 0 && (!rs || !rt))
+    throw std::invalid_argument("affinity_l1: tie_bound > 0 needs the inverse norms rs, rt");
+  const auto operand = [&](const std::optional<TensorArg>& arg, int64_t channels, int64_t width, const char* name) {
+    return contiguous_data<T>(arg, std::array<int64_t, 3>{batch, channels, width}, std::string("affinity_l1: ") + name);
+  };
+  const auto inverse_norms = [&](const std::optional<TensorArg>& arg, const char* name) {
+    return contiguous_data<double>(arg, std::array<int64_t, 2>{batch, n}, std::string("affinity_l1: ") + name);
+  };
+  return Problem{operand(xs, cs, ld, "xs"), operand(xt, ct, ld, "xt"),
+                 operand(gs, cs, ld, "gs"), operand(gt, ct, ld, "gt"),
+                 operand(fs, cs, n, "fs"), operand(ft, ct, n, "ft"),
+                 inverse_norms(rs, "rs"), inverse_norms(rt, "rt"),
+                 batch, cs, ct, ld, n, tie_bound, std::max(1, threads)};
+}
+
+// Σ_b Σ_ij |D_ij| from x̂_s (B, Cs, ld), x̂_t (B, Ct, ld) and the raw features F_s (B, Cs, n), F_t (B, Ct, n),
+// all float32 or all float64 and contiguous; fills G_s / G_t (zeroed by the caller, x̂'s shape) when given.
 // With tie_bound > 0 (and gradients), entries with |D| < tie_bound are recomputed in float64 from
-// the raw features fs / ft and the inverse norms rs / rt, so that every sign is exact.
-double affinity_l1(uintptr_t xs, uintptr_t xt, uintptr_t gs, uintptr_t gt, uintptr_t fs, uintptr_t ft, uintptr_t rs,
-                   uintptr_t rt, int64_t batch, int64_t cs, int64_t ct, int64_t ld, int64_t n, double tie_bound,
-                   bool is_double, int threads, const std::string& isa) {
-  if (ld < row_blocks(n) * kRowBlock) throw std::invalid_argument("affinity_l1: ld must cover whole row blocks: use leading_dimension(n)");
-  if (batch < 0 || cs < 1 || ct < 1) throw std::invalid_argument("affinity_l1: need batch >= 0 and channels >= 1");
-  if (tie_bound > 0 && (!fs || !ft || !rs || !rt))
-    throw std::invalid_argument("affinity_l1: tie_bound > 0 needs the raw features and inverse norms");
-  const auto isas = supported_isas();
-  const std::string chosen = isa.empty() ? isas.front() : isa;
-  if (std::find(isas.begin(), isas.end(), chosen) == isas.end())
-    throw std::invalid_argument("affinity_l1: instruction set '" + chosen + "' is not supported by this CPU");
-  auto ptr = [](uintptr_t address) { return reinterpret_cast<void*>(address); };
-  const Problem p{ptr(xs), ptr(xt), ptr(gs), ptr(gt), ptr(fs), ptr(ft),
-                  static_cast<const double*>(ptr(rs)), static_cast<const double*>(ptr(rt)),
-                  batch, cs, ct, ld, n, tie_bound, std::max(1, threads)};
-  return is_double ? run<double>(p, chosen) : run<float>(p, chosen);
+// the raw features and the inverse norms rs / rt (B, n) float64, so that every sign is exact.
+double affinity_l1(const TensorArg& xs, const TensorArg& xt, const std::optional<TensorArg>& gs,
+                   const std::optional<TensorArg>& gt, const TensorArg& fs, const TensorArg& ft,
+                   const std::optional<TensorArg>& rs, const std::optional<TensorArg>& rt, double tie_bound,
+                   int threads, const std::string& isa_name) {
+  const Isa isa = cpu::resolve(isa_name, "affinity_l1");
+  if (dtype_of(xs) == dtype_name<double>())
+    return run<double>(problem<double>(xs, xt, gs, gt, fs, ft, rs, rt, tie_bound, threads), isa);
+  return run<float>(problem<float>(xs, xt, gs, gt, fs, ft, rs, rt, tie_bound, threads), isa);
 }
 
 }  // namespace dsclora::affinity
 
 PYBIND11_MODULE(_affinity, m) {
   using namespace dsclora::affinity;
-  m.doc() = "Blockwise spatial-affinity L1 loss and gradient (CPU, no N x N buffer)";
+  m.doc() = "Blockwise spatial-affinity L1 loss and gradient (CPU, no N x N buffer). Tensors are TensorArgs "
+            "(address, dtype, shape, strides) made by dsclora_kernels._native.";
   m.def("leading_dimension", &leading_dimension, py::arg("n"),
         "Row stride (elements) of the (B, C, ld) operands for n pixels; zero-fill beyond n");
-  m.def("supported_isas", &supported_isas, "Instruction sets usable on this CPU, best first");
+  m.def("supported_isas", &dsclora::cpu::supported_names, "Instruction sets this CPU runs, best first.");
   m.def("affinity_l1", &affinity_l1, py::arg("xs"), py::arg("xt"), py::arg("gs"), py::arg("gt"), py::arg("fs"),
-        py::arg("ft"), py::arg("rs"), py::arg("rt"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("ld"),
-        py::arg("n"), py::arg("tie_bound"), py::arg("is_double"), py::arg("threads"), py::arg("isa") = "",
+        py::arg("ft"), py::arg("rs"), py::arg("rt"), py::arg("tie_bound"), py::arg("threads"), py::arg("isa") = "auto",
         py::call_guard<py::gil_scoped_release>(),
         "Σ|S−T| over all images and pixel pairs from normalised channel-major features x̂ (B, C, ld), "
-        "ld = leading_dimension(n), zero beyond n; fills G = Σ_j sign(D_ij) x̂_j into gs / gt (zeroed, same "
-        "layout) when non-zero; "
-        "tie_bound > 0 makes the signs exact (float64 recomputation from the raw features fs / ft (B, C, n) "
-        "and inverse norms rs / rt (B, n) float64). Addresses are data_ptr()s, 0 for none. "
-        "isa='' picks the best supported instruction set.");
+        "ld = leading_dimension(n), zero beyond the n pixels of the raw features fs / ft (B, C, n); fills "
+        "G = Σ_j sign(D_ij) x̂_j into gs / gt (zeroed, x̂'s shape) unless None; tie_bound > 0 makes the signs "
+        "exact (float64 recomputation from the raw features and the inverse norms rs / rt (B, n) float64). "
+        "All float32 or all float64 (rs, rt float64), contiguous.");
 }

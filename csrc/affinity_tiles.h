@@ -2,32 +2,22 @@
 //
 // No include guard on purpose: affinity.cpp includes this file once per instruction set, inside a
 // namespace that defines kVectorBytes (SIMD width), kTileColumns (columns j per difference
-// micro-tile) and kTileChannels (channels per gradient micro-tile), under a matching
-// `#pragma GCC target`. The code uses GCC vector extensions, so one source serves SSE2, AVX2 and
-// AVX-512; register blocking is explicit (accumulator arrays of vectors, fully unrolled).
+// micro-tile) and kTileChannels (channels per gradient micro-tile), after simd_vector.h and, for
+// x86, inside that instruction set's target region. The code uses the vectors of simd_vector.h,
+// so one source serves SSE2, NEON, AVX2 and AVX-512; register blocking is explicit (accumulator
+// arrays of vectors, fully unrolled).
 //
 // Layout: every feature map is channel-major, x[c * ld + pixel], pixels zero beyond N.
 
-template <typename T> struct VecOf;
-template <> struct VecOf<float> { typedef float type __attribute__((vector_size(kVectorBytes))); };
-template <> struct VecOf<double> { typedef double type __attribute__((vector_size(kVectorBytes))); };
-template <typename T> using Vec = typename VecOf<T>::type;
+template <typename T> using Vec = Vector<T, kVectorBytes>;
 
 template <typename T> constexpr int kLanes = kVectorBytes / sizeof(T);
 constexpr int kGroupVectors = 2;  // vectors of rows i per micro-tile
 template <typename T> constexpr int kGroupRows = kGroupVectors * kLanes<T>;
 
-#define DSCLORA_INLINE inline __attribute__((always_inline))
-#define DSCLORA_UNROLL _Pragma("GCC unroll 16")
-
-template <typename T> DSCLORA_INLINE Vec<T> load(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-template <typename T> DSCLORA_INLINE void store(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof v); }
-// x * 1 folds away, leaving a single broadcast instruction.
-template <typename T> DSCLORA_INLINE Vec<T> broadcast(T x) { return x * (Vec<T>{} + T(1)); }
+template <typename T> DSCLORA_INLINE Vec<T> load(const T* p) { return load_vector<Vec<T>>(p); }
+template <typename T> DSCLORA_INLINE void store(T* p, Vec<T> v) { store_vector(p, v); }
+template <typename T> DSCLORA_INLINE Vec<T> broadcast(T x) { return splat<Vec<T>>(x); }
 
 // acc[m][v] += x[k, i0 + v*lanes ...] * x[k, j0 + m] summed over channels k: a (rows x MJ) block of
 // the affinity x̂ᵀx̂, rows vectorised, columns broadcast.
@@ -37,20 +27,18 @@ DSCLORA_INLINE void affinity_block(const T* x, int64_t channels, int64_t ld, int
   for (int64_t k = 0; k < channels; ++k) {
     const T* row = x + k * ld;
     Vec<T> a[kGroupVectors];
-    DSCLORA_UNROLL for (int v = 0; v < kGroupVectors; ++v) a[v] = load(row + i0 + v * kLanes<T>);
-    DSCLORA_UNROLL for (int m = 0; m < MJ; ++m) {
+    DSCLORA_UNROLL(16) for (int v = 0; v < kGroupVectors; ++v) a[v] = load(row + i0 + v * kLanes<T>);
+    DSCLORA_UNROLL(16) for (int m = 0; m < MJ; ++m) {
       const Vec<T> b = broadcast(row[j0 + m]);
-      DSCLORA_UNROLL for (int v = 0; v < kGroupVectors; ++v) acc[m][v] += a[v] * b;
+      DSCLORA_UNROLL(16) for (int v = 0; v < kGroupVectors; ++v) acc[m][v] += a[v] * b;
     }
   }
 }
 
-template <typename T> DSCLORA_INLINE Vec<T> absolute(Vec<T> d) { return d > 0 ? d : -d; }
-
 // Replaces every entry of d with |d| < tie_bound by D recomputed in float64 from the raw features
 // (exact signs); the bound covers the rounding of x̂ and of the float32 dot products.
 template <typename T, int MJ>
-__attribute__((noinline)) void refine_ties(const Image<T>& im, int64_t i0, int64_t j0, Vec<T> (&d)[MJ][kGroupVectors]) {
+DSCLORA_NOINLINE void refine_ties(const Image<T>& im, int64_t i0, int64_t j0, Vec<T> (&d)[MJ][kGroupVectors]) {
   for (int m = 0; m < MJ; ++m) {
     for (int v = 0; v < kGroupVectors; ++v) {
       for (int l = 0; l < kLanes<T>; ++l) {
@@ -72,19 +60,19 @@ DSCLORA_INLINE double difference_tile(const Image<T>& im, int64_t i0, int64_t j0
   // S first (parked in L1), then T in the same accumulators: enough independent FMA chains.
   Vec<T> s[MJ][kGroupVectors], d[MJ][kGroupVectors] = {};
   affinity_block<T, MJ>(im.xs, im.cs, im.ld, i0, j0, d);
-  DSCLORA_UNROLL for (int m = 0; m < MJ; ++m) {
-    DSCLORA_UNROLL for (int v = 0; v < kGroupVectors; ++v) {
+  DSCLORA_UNROLL(16) for (int m = 0; m < MJ; ++m) {
+    DSCLORA_UNROLL(16) for (int v = 0; v < kGroupVectors; ++v) {
       s[m][v] = d[m][v];
       d[m][v] = Vec<T>{};
     }
   }
   affinity_block<T, MJ>(im.xt, im.ct, im.ld, i0, j0, d);
-  Vec<T> smallest = Vec<T>{} + std::numeric_limits<T>::infinity();
-  DSCLORA_UNROLL for (int m = 0; m < MJ; ++m) {
-    DSCLORA_UNROLL for (int v = 0; v < kGroupVectors; ++v) {
+  Vec<T> smallest = broadcast(std::numeric_limits<T>::infinity());
+  DSCLORA_UNROLL(16) for (int m = 0; m < MJ; ++m) {
+    DSCLORA_UNROLL(16) for (int v = 0; v < kGroupVectors; ++v) {
       d[m][v] = s[m][v] - d[m][v];
-      const Vec<T> a = absolute<T>(d[m][v]);
-      smallest = a < smallest ? a : smallest;
+      const Vec<T> a = absolute(d[m][v]);
+      smallest = minimum(a, smallest);
     }
   }
   if (signs && im.tie_bound > 0) {
@@ -92,12 +80,11 @@ DSCLORA_INLINE double difference_tile(const Image<T>& im, int64_t i0, int64_t j0
     for (int l = 1; l < kLanes<T>; ++l) least = std::min(least, smallest[l]);
     if (least < im.tie_bound) refine_ties<T, MJ>(im, i0, j0, d);
   }
-  const Vec<T> one = Vec<T>{} + T(1), zero = {};
   Vec<T> abs_sum = {};
-  DSCLORA_UNROLL for (int m = 0; m < MJ; ++m) {
-    DSCLORA_UNROLL for (int v = 0; v < kGroupVectors; ++v) {
-      abs_sum += absolute<T>(d[m][v]);
-      if (signs) store(signs + m * signs_ld + v * kLanes<T>, (d[m][v] > 0 ? one : zero) - (d[m][v] < 0 ? one : zero));
+  DSCLORA_UNROLL(16) for (int m = 0; m < MJ; ++m) {
+    DSCLORA_UNROLL(16) for (int v = 0; v < kGroupVectors; ++v) {
+      abs_sum += absolute(d[m][v]);
+      if (signs) store(signs + m * signs_ld + v * kLanes<T>, signum(d[m][v]));
     }
   }
   T total = 0;
@@ -130,19 +117,19 @@ template <typename T, int MC>
 DSCLORA_INLINE void gradient_tile(const T* x, int64_t ld, int64_t c0, int64_t j0, int64_t columns,
                                   const T* signs, T* g, int64_t i0) {
   Vec<T> acc[MC][kGroupVectors];
-  DSCLORA_UNROLL for (int m = 0; m < MC; ++m) {
-    DSCLORA_UNROLL for (int v = 0; v < kGroupVectors; ++v) acc[m][v] = load(g + (c0 + m) * ld + i0 + v * kLanes<T>);
+  DSCLORA_UNROLL(16) for (int m = 0; m < MC; ++m) {
+    DSCLORA_UNROLL(16) for (int v = 0; v < kGroupVectors; ++v) acc[m][v] = load(g + (c0 + m) * ld + i0 + v * kLanes<T>);
   }
   for (int64_t j = 0; j < columns; ++j) {
     Vec<T> sign[kGroupVectors];
-    DSCLORA_UNROLL for (int v = 0; v < kGroupVectors; ++v) sign[v] = load(signs + j * kRowBlock + v * kLanes<T>);
-    DSCLORA_UNROLL for (int m = 0; m < MC; ++m) {
+    DSCLORA_UNROLL(16) for (int v = 0; v < kGroupVectors; ++v) sign[v] = load(signs + j * kRowBlock + v * kLanes<T>);
+    DSCLORA_UNROLL(16) for (int m = 0; m < MC; ++m) {
       const Vec<T> b = broadcast(x[(c0 + m) * ld + j0 + j]);
-      DSCLORA_UNROLL for (int v = 0; v < kGroupVectors; ++v) acc[m][v] += b * sign[v];
+      DSCLORA_UNROLL(16) for (int v = 0; v < kGroupVectors; ++v) acc[m][v] += b * sign[v];
     }
   }
-  DSCLORA_UNROLL for (int m = 0; m < MC; ++m) {
-    DSCLORA_UNROLL for (int v = 0; v < kGroupVectors; ++v) store(g + (c0 + m) * ld + i0 + v * kLanes<T>, acc[m][v]);
+  DSCLORA_UNROLL(16) for (int m = 0; m < MC; ++m) {
+    DSCLORA_UNROLL(16) for (int v = 0; v < kGroupVectors; ++v) store(g + (c0 + m) * ld + i0 + v * kLanes<T>, acc[m][v]);
   }
 }
 
@@ -203,6 +190,3 @@ double run(const Problem& p) {
   for (double v : partial) total += v;
   return total;
 }
-
-#undef DSCLORA_INLINE
-#undef DSCLORA_UNROLL

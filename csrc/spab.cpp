@@ -6,23 +6,27 @@
 // conv:      out = (conv3x3(in, w) + add) * mul, the backward's input-gradient steps (with the
 //            transposed, flipped weights) and their pointwise tails in one pass.
 // wgrad:     the weight and bias gradients of a 3x3 convolution.
-// The convolution kernels are in spab_kernel.h, compiled once per instruction set (AVX-512,
-// AVX2+FMA, portable scalar) and chosen at run time; the build needs no -march flag.
-// Tensors arrive as raw pointers with element strides (pybind11 only, no torch headers);
-// weights arrive pre-packed by `pack` for the ISA that runs (dsclora_kernels/spab.py caches them).
+// The convolution kernels are in spab_kernel.h, compiled once per instruction set of
+// cpu_features.h and chosen at run time; the build needs no -march flag.
+// Tensors arrive as TensorArgs (tensor_view.h: address, dtype, shape, strides; pybind11 only, no
+// torch headers); weights arrive pre-packed by `pack` for the ISA that runs (dsclora_kernels/spab.py
+// caches them).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <limits>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "cpu_features.h"
 #include "parallel.h"
 #include "spab_simd.h"
+#include "tensor_view.h"
 
 namespace py = pybind11;
 
@@ -111,53 +115,49 @@ inline void store_row(const float* src, int64_t L, int C, const View& v, int n, 
   }
 }
 
-namespace scalar {
-using V = Scalar;
+namespace generic {
+using V = Generic;
 #define SPAB_TARGET
 #include "spab_kernel.h"
 #undef SPAB_TARGET
-}  // namespace scalar
+}  // namespace generic
 
+#ifdef DSCLORA_X86
 namespace avx2 {
 using V = Avx2;
-#define SPAB_TARGET __attribute__((target("avx2,fma")))
+#define SPAB_TARGET DSCLORA_TARGET(DSCLORA_AVX2_FEATURES)
 #include "spab_kernel.h"
 #undef SPAB_TARGET
 }  // namespace avx2
 
-// GCC 12's AVX-512 min/max intrinsics trip a false -Wmaybe-uninitialized (_mm512_undefined_ps).
+// GCC 12's AVX-512 intrinsics (min, max, round, reduce, ...) pass _mm512_undefined_ps() as the
+// masked-off source and trip false -W(maybe-)uninitialized warnings (GCC bug 105593).
+#if !defined(__clang__)
 #pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 namespace avx512 {
 using V = Avx512;
-#define SPAB_TARGET __attribute__((target("avx512f,avx2,fma")))
+#define SPAB_TARGET DSCLORA_TARGET(DSCLORA_AVX512_FEATURES)
 #include "spab_kernel.h"
 #undef SPAB_TARGET
 }  // namespace avx512
+#if !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
+#endif  // DSCLORA_X86
 
-// Instruction sets this CPU runs, best first.
-std::vector<std::string> isas() {
-  __builtin_cpu_init();
-  std::vector<std::string> out;
-  if (__builtin_cpu_supports("avx512f")) out.push_back("avx512");
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.push_back("avx2");
-  out.push_back("scalar");
-  return out;
-}
+using cpu::Isa;
 
-std::string resolve_isa(const std::string& isa) {
-  const auto supported = isas();
-  if (isa == "auto") return supported.front();
-  if (std::find(supported.begin(), supported.end(), isa) == supported.end())
-    throw std::invalid_argument("spab: instruction set '" + isa + "' is not supported by this CPU");
-  return isa;
-}
-
-int vector_width(const std::string& isa) {
-  if (isa == "avx512") return Avx512::width;
-  if (isa == "avx2") return Avx2::width;
-  return Scalar::width;
+int vector_width(Isa isa) {
+  switch (isa) {
+#ifdef DSCLORA_X86
+    case Isa::avx512: return Avx512::width;
+    case Isa::avx2: return Avx2::width;
+#endif
+    default: return Generic::width;
+  }
 }
 
 // A thread's SPAB scratch should stay within ~384 KiB of L2: strips of at most 256 columns at
@@ -179,107 +179,147 @@ Tiling make_tiling(int B, int C, int H, int W, int threads, int vw, int strip_wi
   return t;
 }
 
-using TensorArg = std::array<int64_t, 5>;  // data_ptr, stride n, c, h, w
-using Dims = std::array<int64_t, 4>;        // B, C, H, W
+using Shape = std::array<int64_t, 4>;  // B, C, H, W
 
-View view(const TensorArg& t) {
-  return View{reinterpret_cast<float*>(static_cast<uintptr_t>(t[0])), t[1], t[2], t[3], t[4]};
+// The (B, C, H, W) float32 images of one call: each of the first one's shape, any strides.
+struct Images {
+  Shape shape;
+
+  explicit Images(const TensorArg& first) : shape(dsclora::view<float, 4>(first, "spab: input").shape) {
+    for (int64_t d : shape)
+      if (d < 1 || d > std::numeric_limits<int>::max())
+        throw std::invalid_argument("spab: every dimension (B, C, H, W) must be in [1, 2^31), got " +
+                                    shape_string(shape));
+  }
+
+  View operator()(const TensorArg& arg, const char* name) const {
+    const std::string what = std::string("spab: ") + name;
+    const auto v = dsclora::view<float, 4>(arg, what);
+    expect_shape(v, shape, what);
+    return View{v.data, v.strides[0], v.strides[1], v.strides[2], v.strides[3]};
+  }
+
+  View optional(const std::optional<TensorArg>& arg, const char* name) const {
+    return arg ? (*this)(*arg, name) : View{};
+  }
+};
+
+template <size_t N>
+float* contiguous(const std::optional<TensorArg>& arg, const std::array<int64_t, N>& shape, const std::string& name) {
+  return contiguous_data<float>(arg, shape, "spab: " + name);
 }
 
-const float* pointer(int64_t p) { return reinterpret_cast<const float*>(static_cast<uintptr_t>(p)); }
+float* vector(const std::optional<TensorArg>& arg, int64_t size, const std::string& name) {
+  return contiguous(arg, std::array<int64_t, 1>{size}, name);
+}
 
-// Checks dims, fills pb's (B, C, H, W), runs pb on the chosen ISA (Problem or ConvStep).
+// Convolution i's weights packed by `pack` (C*C*9,) and bias (C,).
+ConvWeights conv_weights(const TensorArg& packed, const TensorArg& bias, int64_t C, int i) {
+  const std::string n = std::to_string(i + 1);
+  return ConvWeights{vector(packed, C * C * 9, "packed w" + n), vector(bias, C, "b" + n)};
+}
+
+using Weights = std::array<TensorArg, 6>;  // w1 packed by `pack`, b1, w2 packed, b2, w3 packed, b3
+
+void set_weights(Problem& pb, const Weights& weights, int64_t C) {
+  for (int i = 0; i < 3; ++i) pb.conv[i] = conv_weights(weights[2 * i], weights[2 * i + 1], C, i);
+}
+
+// Fills pb's (B, C, H, W) and runs pb (a Problem, ConvStep or WGradStep) on the chosen ISA.
 template <class P>
-void solve(P& pb, const Dims& dims, int threads, std::string isa, int strip_width, int band_height) {
-  pb.B = int(dims[0]), pb.C = int(dims[1]), pb.H = int(dims[2]), pb.W = int(dims[3]);
-  if (pb.B < 1 || pb.C < 1 || pb.H < 1 || pb.W < 1)
-    throw std::invalid_argument("spab: every dimension of (B, C, H, W) must be >= 1");
-  isa = resolve_isa(isa);
+void solve(P& pb, const Shape& shape, int threads, const std::string& isa_name, int strip_width, int band_height) {
+  pb.B = int(shape[0]), pb.C = int(shape[1]), pb.H = int(shape[2]), pb.W = int(shape[3]);
+  const Isa isa = cpu::resolve(isa_name, "spab");
   const Tiling tl = make_tiling(pb.B, pb.C, pb.H, pb.W, threads, vector_width(isa), strip_width, band_height);
-  if (isa == "avx512") avx512::run(pb, tl, threads);
-  else if (isa == "avx2") avx2::run(pb, tl, threads);
-  else scalar::run(pb, tl, threads);
+  switch (isa) {
+#ifdef DSCLORA_X86
+    case Isa::avx512: return avx512::run(pb, tl, threads);
+    case Isa::avx2: return avx2::run(pb, tl, threads);
+#endif
+    default: return generic::run(pb, tl, threads);
+  }
 }
 
-void set_weights(Problem& pb, const std::array<int64_t, 6>& weights) {
-  for (int i = 0; i < 3; ++i) pb.conv[i] = ConvWeights{pointer(weights[2 * i]), pointer(weights[2 * i + 1])};
+void pack(const TensorArg& w, const TensorArg& packed, const std::string& isa_name) {
+  const int64_t C = dsclora::view<float, 4>(w, "spab: w").shape[0];
+  const float* src = contiguous(w, Shape{C, C, 3, 3}, "w");
+  float* dst = vector(packed, C * C * 9, "packed");
+  switch (cpu::resolve(isa_name, "spab")) {
+#ifdef DSCLORA_X86
+    case Isa::avx512: return avx512::pack_weights(int(C), src, dst);
+    case Isa::avx2: return avx2::pack_weights(int(C), src, dst);
+#endif
+    default: return generic::pack_weights(int(C), src, dst);
+  }
 }
 
-void pack(int64_t C, int64_t w, int64_t packed, const std::string& isa) {
-  auto* dst = reinterpret_cast<float*>(static_cast<uintptr_t>(packed));
-  const std::string which = resolve_isa(isa);
-  if (which == "avx512") avx512::pack_weights(int(C), pointer(w), dst);
-  else if (which == "avx2") avx2::pack_weights(int(C), pointer(w), dst);
-  else scalar::pack_weights(int(C), pointer(w), dst);
-}
-
-void forward(const Dims& dims, const TensorArg& x, const TensorArg& out, const TensorArg& h1,
-             const std::array<int64_t, 6>& weights, int threads, const std::string& isa,
-             int strip_width, int band_height) {
+void forward(const TensorArg& x, const TensorArg& out, const TensorArg& h1, const Weights& weights, int threads,
+             const std::string& isa, int strip_width, int band_height) {
+  const Images images(x);
   Problem pb;
-  pb.x = view(x), pb.out = view(out), pb.h1 = view(h1);
-  set_weights(pb, weights);
-  solve(pb, dims, threads, isa, strip_width, band_height);
+  pb.x = images(x, "x"), pb.out = images(out, "out"), pb.h1 = images(h1, "h1");
+  set_weights(pb, weights, images.shape[1]);
+  solve(pb, images.shape, threads, isa, strip_width, band_height);
 }
 
-void recompute(const Dims& dims, const TensorArg& x, const TensorArg& g_out,
-               const std::array<TensorArg, 6>& outputs, const std::array<int64_t, 6>& weights,
-               int threads, const std::string& isa, int strip_width, int band_height) {
+void recompute(const TensorArg& x, const TensorArg& g_out, const std::array<TensorArg, 6>& outputs,
+               const Weights& weights, int threads, const std::string& isa, int strip_width, int band_height) {
+  const Images images(x);
   Problem pb;
   pb.recompute = true;
-  pb.x = view(x), pb.g_out = view(g_out);
-  pb.h1 = view(outputs[0]), pb.h2 = view(outputs[1]), pb.d1 = view(outputs[2]);
-  pb.d2 = view(outputs[3]), pb.g_o3 = view(outputs[4]), pb.g_xres = view(outputs[5]);
-  set_weights(pb, weights);
-  solve(pb, dims, threads, isa, strip_width, band_height);
+  pb.x = images(x, "x"), pb.g_out = images(g_out, "g_out");
+  pb.h1 = images(outputs[0], "h1"), pb.h2 = images(outputs[1], "h2"), pb.d1 = images(outputs[2], "d1");
+  pb.d2 = images(outputs[3], "d2"), pb.g_o3 = images(outputs[4], "g_o3"), pb.g_xres = images(outputs[5], "g_xres");
+  set_weights(pb, weights, images.shape[1]);
+  solve(pb, images.shape, threads, isa, strip_width, band_height);
 }
 
-void conv(const Dims& dims, const TensorArg& in, const TensorArg& out, int64_t w, int64_t b,
+void conv(const TensorArg& in, const TensorArg& out, const TensorArg& w, const TensorArg& b,
           const std::optional<TensorArg>& add, const std::optional<TensorArg>& mul, int threads,
           const std::string& isa, int strip_width, int band_height) {
+  const Images images(in);
   ConvStep st;
-  st.in = view(in), st.out = view(out), st.conv = ConvWeights{pointer(w), pointer(b)};
-  if (add) st.add = view(*add);
-  if (mul) st.mul = view(*mul);
-  solve(st, dims, threads, isa, strip_width, band_height);
+  st.in = images(in, "inp"), st.out = images(out, "out"), st.conv = conv_weights(w, b, images.shape[1], 0);
+  st.add = images.optional(add, "add"), st.mul = images.optional(mul, "mul");
+  solve(st, images.shape, threads, isa, strip_width, band_height);
 }
 
-void wgrad(const Dims& dims, const TensorArg& g, const TensorArg& in, int64_t dw, int64_t db,
-           int threads, const std::string& isa, int strip_width, int band_height) {
+void wgrad(const TensorArg& g, const TensorArg& in, const std::optional<TensorArg>& dw,
+           const std::optional<TensorArg>& db, int threads, const std::string& isa, int strip_width,
+           int band_height) {
+  const Images images(g);
+  const int64_t C = images.shape[1];
   WGradStep st;
-  st.g = view(g), st.in = view(in);
-  st.dw = reinterpret_cast<float*>(static_cast<uintptr_t>(dw));
-  st.db = reinterpret_cast<float*>(static_cast<uintptr_t>(db));
-  solve(st, dims, threads, isa, strip_width, band_height);
+  st.g = images(g, "g"), st.in = images(in, "inp");
+  st.dw = contiguous(dw, Shape{C, C, 3, 3}, "dw"), st.db = vector(db, C, "db");
+  solve(st, images.shape, threads, isa, strip_width, band_height);
 }
 
 }  // namespace dsclora::spab
 
 PYBIND11_MODULE(_spab, m) {
   namespace s = dsclora::spab;
-  m.doc() = "Fused SPAB block (float32, CPU): forward, the backward's recompute and conv steps.";
-  m.def("isas", &s::isas, "Instruction sets this CPU runs, best first.");
-  m.def("pack", &s::pack, py::arg("C"), py::arg("w"), py::arg("packed"), py::arg("isa") = "auto",
-        "Weight (C, C, 3, 3) contiguous float32 at pointer w -> C*C*9 floats at `packed` in the "
-        "layout of the kernel for `isa`.");
-  m.def("forward", &s::forward, py::arg("dims"), py::arg("x"), py::arg("out"), py::arg("h1"),
-        py::arg("weights"), py::arg("threads"), py::arg("isa") = "auto", py::arg("strip_width") = 0,
-        py::arg("band_height") = 0, py::call_guard<py::gil_scoped_release>(),
-        "x (B,C,H,W) -> out, h1. Tensors as (data_ptr, *strides); weights as 6 pointers "
-        "(w1 packed by `pack` for the same isa, b1, w2, b2, w3, b3).");
-  m.def("recompute", &s::recompute, py::arg("dims"), py::arg("x"), py::arg("g_out"),
-        py::arg("outputs"), py::arg("weights"), py::arg("threads"), py::arg("isa") = "auto",
-        py::arg("strip_width") = 0, py::arg("band_height") = 0,
+  m.doc() = "Fused SPAB block (float32, CPU): forward, the backward's recompute and conv steps. Tensors are "
+            "TensorArgs (address, dtype, shape, strides) made by dsclora_kernels._native.";
+  m.def("supported_isas", &dsclora::cpu::supported_names, "Instruction sets this CPU runs, best first.");
+  m.def("pack", &s::pack, py::arg("w"), py::arg("packed"), py::arg("isa") = "auto",
+        "Weight w (C, C, 3, 3) contiguous -> packed (C*C*9,) in the layout of the kernel for `isa`.");
+  m.def("forward", &s::forward, py::arg("x"), py::arg("out"), py::arg("h1"), py::arg("weights"),
+        py::arg("threads"), py::arg("isa") = "auto", py::arg("strip_width") = 0, py::arg("band_height") = 0,
+        py::call_guard<py::gil_scoped_release>(),
+        "x (B,C,H,W) -> out, h1 (same shape, any strides); weights (w1 packed by `pack` for the same isa, b1, "
+        "w2, b2, w3, b3).");
+  m.def("recompute", &s::recompute, py::arg("x"), py::arg("g_out"), py::arg("outputs"), py::arg("weights"),
+        py::arg("threads"), py::arg("isa") = "auto", py::arg("strip_width") = 0, py::arg("band_height") = 0,
         py::call_guard<py::gil_scoped_release>(),
         "(x, dL/dout) -> outputs (h1, h2, silu'(a1), silu'(a2), dL/do3, g_out*(sigmoid(o3)-0.5)).");
-  m.def("conv", &s::conv, py::arg("dims"), py::arg("inp"), py::arg("out"), py::arg("w"), py::arg("b"),
-        py::arg("add") = py::none(), py::arg("mul") = py::none(), py::arg("threads") = 1,
-        py::arg("isa") = "auto", py::arg("strip_width") = 0, py::arg("band_height") = 0,
-        py::call_guard<py::gil_scoped_release>(),
-        "out = (conv3x3(inp, w, b, padding 1) + add) * mul; w packed by `pack`, add/mul optional.");
-  m.def("wgrad", &s::wgrad, py::arg("dims"), py::arg("g"), py::arg("inp"), py::arg("dw"), py::arg("db"),
-        py::arg("threads") = 1, py::arg("isa") = "auto", py::arg("strip_width") = 0,
+  m.def("conv", &s::conv, py::arg("inp"), py::arg("out"), py::arg("w"), py::arg("b"), py::arg("add") = py::none(),
+        py::arg("mul") = py::none(), py::arg("threads") = 1, py::arg("isa") = "auto", py::arg("strip_width") = 0,
         py::arg("band_height") = 0, py::call_guard<py::gil_scoped_release>(),
-        "Weight gradient of conv3x3(inp, w, b, padding 1) given g = dL/doutput: dw (C, C, 3, 3) "
-        "and db (C,) float32 at pointers dw, db (0: not computed). Deterministic.");
+        "out = (conv3x3(inp, w, b, padding 1) + add) * mul; w packed by `pack`, add/mul optional.");
+  m.def("wgrad", &s::wgrad, py::arg("g"), py::arg("inp"), py::arg("dw") = py::none(), py::arg("db") = py::none(),
+        py::arg("threads") = 1, py::arg("isa") = "auto", py::arg("strip_width") = 0, py::arg("band_height") = 0,
+        py::call_guard<py::gil_scoped_release>(),
+        "Weight gradient of conv3x3(inp, w, b, padding 1) given g = dL/doutput: dw (C, C, 3, 3) and db (C,) "
+        "(None: not computed). Deterministic.");
 }

@@ -3,8 +3,9 @@
 //   out = (o3 + x) * (sigmoid(o3) - 0.5)
 //
 // spab.cpp includes this file once per ISA, inside a namespace that defines `V` (a vector
-// traits struct of spab_simd.h) and the function attribute SPAB_TARGET; the shared types
-// (View, Problem, Tiling, block_size) come from spab.cpp.
+// traits struct of spab_simd.h) and the function attribute SPAB_TARGET (that ISA's target, on
+// the vector code only: the row bookkeeping stays baseline code, faster on short rows); the
+// shared types (View, Problem, Tiling, block_size) come from spab.cpp.
 //
 // Layout and schedule. A work item is one image n, a band of output rows [r0, r1) and a strip
 // of output columns [c0, c1). Inside an item every tensor row lives in a planar scratch row
@@ -18,8 +19,6 @@
 using reg = typename V::reg;
 constexpr int VW = V::width;
 
-#define SPAB_UNROLL _Pragma("GCC unroll 32")
-
 // ---- the convolution: CB output channels x NW pixel vectors in registers ----
 // A register tile holds CB x NW accumulators, CB broadcast weights and one input vector.
 
@@ -29,28 +28,28 @@ template <int CB, int NW>
 SPAB_TARGET void conv_tile(const float* const* in, int64_t L, int C, const float* wp,
                            const float* bias, int co0, int x0, float* out) {
   reg acc[CB][NW];
-  SPAB_UNROLL for (int k = 0; k < CB; ++k) {
+  DSCLORA_UNROLL(32) for (int k = 0; k < CB; ++k) {
     const reg b = V::set1(bias[co0 + k]);
-    SPAB_UNROLL for (int j = 0; j < NW; ++j) acc[k][j] = b;
+    DSCLORA_UNROLL(32) for (int j = 0; j < NW; ++j) acc[k][j] = b;
   }
   const float* w_ci = wp + int64_t(co0) * 9 * C;
   for (int ci = 0; ci < C; ++ci, w_ci += 9 * CB) {
-    SPAB_UNROLL for (int dy = 0; dy < 3; ++dy) {
+    DSCLORA_UNROLL(32) for (int dy = 0; dy < 3; ++dy) {
       const float* row = in[dy] + ci * L + x0 - 1;
-      SPAB_UNROLL for (int dx = 0; dx < 3; ++dx) {
+      DSCLORA_UNROLL(32) for (int dx = 0; dx < 3; ++dx) {
         // CB broadcast weights stay in registers, each input vector is loaded once.
         const float* w = w_ci + (dy * 3 + dx) * CB;
         reg wk[CB];
-        SPAB_UNROLL for (int k = 0; k < CB; ++k) wk[k] = V::set1(w[k]);
-        SPAB_UNROLL for (int j = 0; j < NW; ++j) {
+        DSCLORA_UNROLL(32) for (int k = 0; k < CB; ++k) wk[k] = V::set1(w[k]);
+        DSCLORA_UNROLL(32) for (int j = 0; j < NW; ++j) {
           const reg v = V::load(row + dx + j * VW);
-          SPAB_UNROLL for (int k = 0; k < CB; ++k) acc[k][j] = V::fmadd(wk[k], v, acc[k][j]);
+          DSCLORA_UNROLL(32) for (int k = 0; k < CB; ++k) acc[k][j] = V::fmadd(wk[k], v, acc[k][j]);
         }
       }
     }
   }
-  SPAB_UNROLL for (int k = 0; k < CB; ++k) {
-    SPAB_UNROLL for (int j = 0; j < NW; ++j) V::store(out + (co0 + k) * L + x0 + j * VW, acc[k][j]);
+  DSCLORA_UNROLL(32) for (int k = 0; k < CB; ++k) {
+    DSCLORA_UNROLL(32) for (int j = 0; j < NW; ++j) V::store(out + (co0 + k) * L + x0 + j * VW, acc[k][j]);
   }
 }
 
@@ -328,15 +327,15 @@ template <int CB>
 SPAB_TARGET void wgrad_tile(const float* g, const float* in, int64_t L, int C, int rows, int nvec,
                             int co0, int ci, int dy, double* dw) {
   reg acc[CB][3];
-  SPAB_UNROLL for (int k = 0; k < CB; ++k) {
-    SPAB_UNROLL for (int dx = 0; dx < 3; ++dx) acc[k][dx] = V::set1(0.0f);
+  DSCLORA_UNROLL(32) for (int k = 0; k < CB; ++k) {
+    DSCLORA_UNROLL(32) for (int dx = 0; dx < 3; ++dx) acc[k][dx] = V::set1(0.0f);
   }
   for (int r = 0; r < rows; ++r) {
     const float* gr = g + (int64_t(r) * C + co0) * L + OFF;
     const float* ir = in + (int64_t(r + dy) * C + ci) * L + OFF - 1;
     for (int j = 0; j < nvec; ++j) {
       const reg v0 = V::load(ir + j * VW), v1 = V::load(ir + j * VW + 1), v2 = V::load(ir + j * VW + 2);
-      SPAB_UNROLL for (int k = 0; k < CB; ++k) {
+      DSCLORA_UNROLL(32) for (int k = 0; k < CB; ++k) {
         const reg gk = V::load(gr + k * L + j * VW);
         acc[k][0] = V::fmadd(gk, v0, acc[k][0]);
         acc[k][1] = V::fmadd(gk, v1, acc[k][1]);
@@ -344,8 +343,9 @@ SPAB_TARGET void wgrad_tile(const float* g, const float* in, int64_t L, int C, i
       }
     }
   }
-  SPAB_UNROLL for (int k = 0; k < CB; ++k) {
-    SPAB_UNROLL for (int dx = 0; dx < 3; ++dx) dw[(int64_t(co0 + k) * C + ci) * 9 + dy * 3 + dx] += V::hsum(acc[k][dx]);
+  DSCLORA_UNROLL(32) for (int k = 0; k < CB; ++k) {
+    double* dw_k = dw + (int64_t(co0 + k) * C + ci) * 9 + dy * 3;
+    DSCLORA_UNROLL(32) for (int dx = 0; dx < 3; ++dx) dw_k[dx] += V::hsum(acc[k][dx]);
   }
 }
 
@@ -446,4 +446,3 @@ void run(const WGradStep& st, const Tiling& tl, int threads) {
   }
 }
 
-#undef SPAB_UNROLL

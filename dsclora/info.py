@@ -1,12 +1,25 @@
 """Environment and backend report (``dsclora info``)."""
+import os
 import platform
 
 import torch
 
 import dsclora
 import dsclora_kernels
-from dsclora_kernels import _dispatch, _extension
+from dsclora_kernels import _dispatch, _extension, _native
 from dsclora_kernels._log import FALLBACKS
+
+
+def _kernels_status(extension: str) -> str:
+    """'available, instruction sets ..., running ...' or why the compiled module cannot be used."""
+    status = _extension.status(extension)
+    if status != "available":
+        return status
+    try:
+        chosen = _native.isa(extension)
+    except RuntimeError as exc:
+        chosen = f"none ({exc})"
+    return f"available, instruction sets {', '.join(_native.supported_isas(extension))}; running {chosen}"
 
 
 def report() -> str:
@@ -22,9 +35,9 @@ def report() -> str:
     except ImportError:
         lines.append("triton: not installed")
     lines.append(f"cpu threads: {torch.get_num_threads()}")
-    lines.append("compiled CPU kernels:")
-    for name in dsclora_kernels.EXTENSIONS:
-        lines.append(f"  _{name}: {_extension.status(name)}")
+    requested = os.environ.get(_native.ISA_VARIABLE) or "unset, the best supported"
+    lines.append(f"compiled CPU kernels ({_native.ISA_VARIABLE}: {requested}):")
+    lines.extend(f"  _{name}: {_kernels_status(name)}" for name in dsclora_kernels.EXTENSIONS)
     if FALLBACKS:
         lines.append("slower paths taken in this process:")
         lines.extend(f"  {key}: {reason}" for key, reason in FALLBACKS.items())

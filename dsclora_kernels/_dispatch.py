@@ -50,6 +50,9 @@ def choose(op: str, extension: str, device: torch.device) -> str:
         forced = _forced[-1]
         if forced == "cpp" and _extension.load(extension) is None:
             raise RuntimeError(f"{op}: backend 'cpp' forced but {_extension.status(extension)}")
+        if forced == "cpp" and device.type != "cpu":
+            raise RuntimeError(f"{op}: backend 'cpp' forced but the tensors are on {device}; the C++ kernels "
+                               "take CPU tensors only (use backend 'triton' or move them with .cpu())")
         if forced == "triton" and device.type == "cpu" and not triton_interpreting():
             raise RuntimeError(f"{op}: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
         return forced

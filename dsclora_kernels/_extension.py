@@ -1,11 +1,39 @@
-"""Lazy import of the compiled CPU kernels (``dsclora_kernels._<name>``, built from csrc/)."""
+"""Lazy import of the compiled CPU kernels (``dsclora_kernels._<name>``, built from csrc/).
+
+The build (setup.py) never fails the install over an extension: it writes each extension's
+outcome to ``_build_report.json`` next to the modules, and a module that is missing says why.
+"""
 import importlib
+import json
+from pathlib import Path
 from types import ModuleType
 
 from ._log import fallback
 
+#: {name: "built" or why the build failed}, written by setup.py's build_ext.
+BUILD_REPORT = Path(__file__).with_name("_build_report.json")
+
 _MODULES: dict[str, ModuleType | None] = {}
 _REASONS: dict[str, str] = {}
+
+
+def _build_outcomes() -> dict[str, str] | None:
+    try:
+        return json.loads(BUILD_REPORT.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _why_missing(name: str, error: ImportError) -> str:
+    """Why ``_<name>`` cannot be imported: the install's build report, else the import error."""
+    module = f"dsclora_kernels._{name}"
+    outcomes = _build_outcomes()
+    if outcomes is not None and outcomes.get(name, "built") != "built":
+        return f"{module} was not built: {outcomes[name]}"
+    if outcomes is not None and name not in outcomes:
+        return (f"{module} was not part of this install's build (built: {', '.join(sorted(outcomes)) or 'none'}; "
+                "DSCLORA_EXTENSIONS limits it); reinstall with `pip install .`")
+    return f"{module} is not importable ({error}); reinstall with `pip install .` and a C++17 compiler"
 
 
 def load(name: str) -> ModuleType | None:
@@ -15,10 +43,7 @@ def load(name: str) -> ModuleType | None:
             _MODULES[name] = importlib.import_module(f"dsclora_kernels._{name}")
         except ImportError as exc:
             _MODULES[name] = None
-            _REASONS[name] = (
-                f"compiled extension dsclora_kernels._{name} is not importable ({exc}); "
-                "reinstall with `pip install .` and a C++17 compiler"
-            )
+            _REASONS[name] = _why_missing(name, exc)
             fallback(f"extension:{name}", _REASONS[name])
     return _MODULES[name]
 

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _dispatch, _extension
+from . import _dispatch, _extension, _native
 from .affinity_reference import REDUCTIONS
 from .affinity_squared import squared_affinity_loss
 
@@ -137,21 +137,21 @@ def _input_gradient(f: torch.Tensor, g: torch.Tensor, prepared: _Normalised, eps
     return g.reshape(f.shape).contiguous().to(f.dtype)
 
 
-def _pass_cpp(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float, isa: str = ""):
+def _pass_cpp(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float):
     """Σ|S − T| and G_s, G_t (or None) with the C++ kernel; x̂ rows of its leading_dimension(N)."""
     gs = torch.zeros_like(xs.xhat) if grad_s else None
     gt = torch.zeros_like(xt.xhat) if grad_t else None
     tie_bound = _tie_bound((xs, xt), "ieee") if grad_s or grad_t else 0.0  # always exact float32 here
     rs, rt = (xs.inverse_norm(eps), xt.inverse_norm(eps)) if tie_bound else (None, None)
 
-    def address(t):
-        return 0 if t is None else t.data_ptr()
+    def arg(t, name, dtype=xs.xhat.dtype):
+        return _native.tensor(t, f"{OP}: {name}", dtype, "contiguous")
 
-    batch, cs, ld = xs.xhat.shape
-    total = _extension.load(EXTENSION).affinity_l1(
-        xs.xhat.data_ptr(), xt.xhat.data_ptr(), address(gs), address(gt), xs.raw.data_ptr(), xt.raw.data_ptr(),
-        address(rs), address(rt), batch=batch, cs=cs, ct=xt.xhat.shape[1], ld=ld, n=xs.raw.shape[-1],
-        tie_bound=tie_bound, is_double=xs.xhat.dtype == torch.float64, threads=torch.get_num_threads(), isa=isa,
+    total = _native.call(
+        EXTENSION, "affinity_l1", arg(xs.xhat, "x̂_s"), arg(xt.xhat, "x̂_t"), arg(gs, "G_s"), arg(gt, "G_t"),
+        arg(xs.raw, "F_s"), arg(xt.raw, "F_t"), arg(rs, "1/(‖F_s‖+eps)", torch.float64),
+        arg(rt, "1/(‖F_t‖+eps)", torch.float64),
+        tie_bound=tie_bound, threads=torch.get_num_threads(),
     )
     return torch.tensor(total, dtype=torch.float64), gs, gt
 

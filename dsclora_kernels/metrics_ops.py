@@ -7,7 +7,7 @@ to the reference, logged once, when the extension is not built.
 import numpy as np
 import torch
 
-from . import _dispatch, _extension
+from . import _dispatch, _native
 from ._log import fallback
 
 WINDOW_SIZE, WINDOW_SIGMA = 11, 1.5
@@ -73,10 +73,9 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
     if _backend("rgb_to_y") != "cpp":
         return rgb_to_y_reference(img)
     out = np.empty(img.shape[:2], dtype=np.float64)
-    row, col, channel = (s // 8 for s in img.strides)
-    _extension.load("metrics").rgb_to_y(
-        img.ctypes.data, img.shape[0], img.shape[1], row, col, channel, out.ctypes.data, torch.get_num_threads()
-    )
+    _native.call("metrics", "rgb_to_y", _native.tensor(img, "rgb_to_y: image", torch.float64),
+                 _native.tensor(out, "rgb_to_y: output", torch.float64, "contiguous"),
+                 threads=torch.get_num_threads())
     return out
 
 
@@ -89,8 +88,9 @@ def ssim_mean(a: np.ndarray, b: np.ndarray) -> float:
         raise ValueError(f"ssim: planes of shape {a.shape} are smaller than the {WINDOW_SIZE}x{WINDOW_SIZE} window")
     if _backend("ssim") != "cpp":
         return ssim_mean_reference(a, b)
-    window = gaussian_window()
-    return _extension.load("metrics").ssim_mean(
-        a.ctypes.data, a.strides[0] // 8, b.ctypes.data, b.strides[0] // 8, a.shape[0], a.shape[1],
-        window.ctypes.data, WINDOW_SIZE, C1, C2, torch.get_num_threads(),
+    return _native.call(
+        "metrics", "ssim_mean", _native.tensor(a, "ssim: first plane", torch.float64, "rows"),
+        _native.tensor(b, "ssim: second plane", torch.float64, "rows"),
+        _native.tensor(gaussian_window(), "ssim: window", torch.float64, "contiguous"),
+        c1=C1, c2=C2, threads=torch.get_num_threads(),
     )

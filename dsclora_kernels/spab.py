@@ -15,12 +15,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _dispatch, _extension, spab_triton
+from . import _dispatch, _native, spab_triton
 from ._log import fallback
 from .spab_reference import spab_recompute_reference, spab_reference
 
-#: Instruction set of the C++ kernel: "auto" (the best this CPU runs), "avx512", "avx2", "scalar".
-CPU_ISA = "auto"
 _WEIGHT_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
 
 
@@ -72,28 +70,29 @@ def _cached(tensors: tuple[Tensor, ...], kind: str, pack: Callable):
     return packed
 
 
-def _pack_cpu(*weights: Tensor, isa: str = "auto") -> tuple[Tensor, ...]:
+def _arg(t: Optional[Tensor], name: str, layout: str = "strided"):
+    """t as an argument of the C++ kernels: float32 CPU memory, checked (None stays None)."""
+    return _native.tensor(t, f"spab: {name}", torch.float32, layout)
+
+
+def _pack_cpu(*weights: Tensor, isa: str) -> tuple[Tensor, ...]:
     """(w1, b1, ...) -> (w1 in the C++ kernel's layout for ``isa``, b1, ...), float32."""
-    ext = _extension.load("spab")
     packed = []
     for t in weights:
         t = t.detach().contiguous()
         if t.dim() == 4:
             out = torch.empty(t.numel(), dtype=torch.float32)
-            ext.pack(t.shape[0], t.data_ptr(), out.data_ptr(), isa)
+            _native.call("spab", "pack", _arg(t, "w", "contiguous"), _arg(out, "packed w"), isa=isa)
             t = out
         packed.append(t)
     return tuple(packed)
 
 
-def _desc(t: Tensor) -> tuple[int, ...]:
-    return (t.data_ptr(), *t.stride())
-
-
-def _cpp(weights: tuple[Tensor, ...]) -> tuple:
-    """(extension, packed weight pointers, packed tensors to keep alive during the call)."""
-    packed = _cached(weights, f"cpu:{CPU_ISA}", lambda *w: _pack_cpu(*w, isa=CPU_ISA))
-    return _extension.load("spab"), [p.data_ptr() for p in packed], packed
+def _cpp(weights: tuple[Tensor, ...]) -> tuple[str, list]:
+    """(ISA, the weights packed for it as kernel arguments)."""
+    isa = _native.isa("spab")
+    packed = _cached(weights, f"cpu:{isa}", lambda *w: _pack_cpu(*w, isa=isa))
+    return isa, [_arg(p, name) for p, name in zip(packed, _WEIGHT_NAMES)]
 
 
 # ---- forward ----
@@ -111,8 +110,9 @@ def spab(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, 
         return out, h1
     backend = _backend(x)
     if backend == "cpp":
-        ext, ptrs, _keep = _cpp(weights)
-        ext.forward(tuple(x.shape), _desc(x), _desc(out), _desc(h1), ptrs, torch.get_num_threads(), CPU_ISA)
+        isa, packed = _cpp(weights)
+        _native.call("spab", "forward", _arg(x, "x"), _arg(out, "out"), _arg(h1, "h1"), packed,
+                     threads=torch.get_num_threads(), isa=isa)
     elif backend == "triton":
         spab_triton.forward(x, _cached(weights, "triton", spab_triton.pack_weights), out, h1)
     else:
@@ -136,31 +136,31 @@ def _recompute(x: Tensor, g_out: Tensor, weights: tuple[Tensor, ...], backend: s
         return spab_recompute_reference(x, g_out, *weights)
     outputs = tuple(torch.empty_like(x) for _ in range(6))
     if backend == "cpp":
-        ext, ptrs, _keep = _cpp(weights)
-        ext.recompute(tuple(x.shape), _desc(x), _desc(g_out), [_desc(t) for t in outputs], ptrs,
-                      torch.get_num_threads(), CPU_ISA)
+        isa, packed = _cpp(weights)
+        names = ("h1", "h2", "d1", "d2", "g_o3", "g_xres")
+        _native.call("spab", "recompute", _arg(x, "x"), _arg(g_out, "g_out"),
+                     [_arg(t, name) for t, name in zip(outputs, names)], packed,
+                     threads=torch.get_num_threads(), isa=isa)
     else:
         spab_triton.recompute(x, g_out, _cached(weights, "triton", spab_triton.pack_weights), *outputs)
     return outputs
 
 
-def _pack_cpu_transposed(w: Tensor) -> tuple[Tensor, Tensor]:
+def _pack_cpu_transposed(w: Tensor, isa: str) -> tuple[Tensor, Tensor]:
     """The weight whose convolution is the input gradient of conv(., w) (channels swapped,
-    taps flipped), packed for the C++ kernel, and a zero bias."""
-    return _pack_cpu(w.transpose(0, 1).flip(2, 3), isa=CPU_ISA)[0], torch.zeros(w.shape[0])
+    taps flipped), packed for the C++ kernel on ``isa``, and a zero bias."""
+    return _pack_cpu(w.transpose(0, 1).flip(2, 3), isa=isa)[0], torch.zeros(w.shape[0])
 
 
 def _input_grad(grad: Tensor, inp: Tensor, w: Tensor, backend: str,
                 add: Optional[Tensor] = None, mul: Optional[Tensor] = None) -> Tensor:
     """(dL/dinp + add) * mul for conv2d(inp, w, padding=1) given grad = dL/doutput."""
     if backend == "cpp":
-        w_t, zero = _cached((w,), f"cpu-transposed:{CPU_ISA}", _pack_cpu_transposed)
+        isa = _native.isa("spab")
+        w_t, zero = _cached((w,), f"cpu-transposed:{isa}", lambda w: _pack_cpu_transposed(w, isa))
         out = torch.empty_like(grad)
-        _extension.load("spab").conv(
-            tuple(grad.shape), _desc(grad), _desc(out), w_t.data_ptr(), zero.data_ptr(),
-            None if add is None else _desc(add), None if mul is None else _desc(mul),
-            torch.get_num_threads(), CPU_ISA,
-        )
+        _native.call("spab", "conv", _arg(grad, "grad"), _arg(out, "out"), _arg(w_t, "packed w"), _arg(zero, "b"),
+                     _arg(add, "add"), _arg(mul, "mul"), threads=torch.get_num_threads(), isa=isa)
         return out
     g_inp = _conv_backward(grad, inp, w, (True, False, False))[0]
     if add is not None:
@@ -176,10 +176,8 @@ def _weight_grads(grad: Tensor, inp: Tensor, w: Tensor, backend: str, need_w: bo
         return _conv_backward(grad, inp, w, (False, need_w, need_b))[1:]
     g_w = torch.empty_like(w, memory_format=torch.contiguous_format) if need_w else None
     g_b = torch.empty(w.shape[0]) if need_b else None
-    _extension.load("spab").wgrad(
-        tuple(grad.shape), _desc(grad), _desc(inp), 0 if g_w is None else g_w.data_ptr(),
-        0 if g_b is None else g_b.data_ptr(), torch.get_num_threads(), CPU_ISA,
-    )
+    _native.call("spab", "wgrad", _arg(grad, "grad"), _arg(inp, "inp"), _arg(g_w, "dw", "contiguous"),
+                 _arg(g_b, "db", "contiguous"), threads=torch.get_num_threads())
     return g_w, g_b
 
 

@@ -22,3 +22,20 @@ def shared() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["avx512", "avx2", "generic"])
+def cpu_isa(request, monkeypatch) -> str:
+    """Runs the test once per instruction set of the C++ kernels (csrc/cpu_features.h) that this
+    CPU runs, chosen the way users choose it: the DSCLORA_CPU_ISA environment variable."""
+    from dsclora_kernels import EXTENSIONS, _native
+
+    isa = request.param
+    assert isa in _native.ISAS
+    supported = next((s for s in map(_native.supported_isas, EXTENSIONS) if s), None)
+    if supported is None:
+        pytest.skip("no C++ extension is built")
+    if isa not in supported:
+        pytest.skip(f"this CPU does not run {isa}")
+    monkeypatch.setenv(_native.ISA_VARIABLE, isa)
+    return isa

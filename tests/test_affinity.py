@@ -229,22 +229,33 @@ def test_never_allocates_n_squared(backend, case):
         assert extra >= n_squared_floats
 
 
-def test_instruction_sets_agree():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_instruction_sets_agree(cpu_isa, dtype):
     """Every SIMD path of the C++ kernel this CPU runs matches the materialising pass."""
     module = _extension.load("affinity")
     if module is None:
         pytest.skip(_extension.status("affinity"))
-    for dtype in (torch.float32, torch.float64):
-        student, teacher = features(2, 26, 28, 9, 13, dtype=dtype)
-        n = student.shape[2] * student.shape[3]
-        prepared = [affinity._normalise(f.detach(), 1e-8, dtype, module.leading_dimension(n)) for f in (student, teacher)]
-        unpadded = [affinity._normalise(f.detach(), 1e-8, dtype) for f in (student, teacher)]
-        total, gs, gt = affinity._pass_reference(*unpadded, True, True, "ieee", 1e-8)
-        for isa in module.supported_isas():
-            got_total, got_gs, got_gt = affinity._pass_cpp(*prepared, True, True, "ieee", 1e-8, isa=isa)
-            assert abs(got_total.item() - total.item()) <= 1e-6 * total.item(), isa
-            assert relative(got_gs[..., :n], gs) <= 1e-6 and relative(got_gt[..., :n], gt) <= 1e-6, isa
-            assert torch.count_nonzero(got_gs[..., n:]) == 0, isa  # padding pixels get no gradient
+    student, teacher = features(2, 26, 28, 9, 13, dtype=dtype)
+    n = student.shape[2] * student.shape[3]
+    prepared = [affinity._normalise(f.detach(), 1e-8, dtype, module.leading_dimension(n)) for f in (student, teacher)]
+    unpadded = [affinity._normalise(f.detach(), 1e-8, dtype) for f in (student, teacher)]
+    total, gs, gt = affinity._pass_reference(*unpadded, True, True, "ieee", 1e-8)
+    got_total, got_gs, got_gt = affinity._pass_cpp(*prepared, True, True, "ieee", 1e-8)
+    assert abs(got_total.item() - total.item()) <= 1e-6 * total.item()
+    assert relative(got_gs[..., :n], gs) <= 1e-6 and relative(got_gt[..., :n], gt) <= 1e-6
+    assert torch.count_nonzero(got_gs[..., n:]) == 0  # padding pixels get no gradient
+    close = (student.detach() + 0.01 * torch.randn_like(student)).requires_grad_()  # near-ties: refined signs
+    for other in (teacher, close):  # the whole op, loss and gradients
+        with use_backend("cpp"):
+            loss, grads = loss_and_grads(spatial_affinity_loss, student, other)
+        with use_backend("reference"):
+            expected_loss, expected_grads = loss_and_grads(spatial_affinity_loss, student, other)
+        assert abs(loss.item() - expected_loss.item()) <= 1e-6 * expected_loss.item()
+        assert all(relative(a, b) <= 1e-5 for a, b in zip(grads, expected_grads))
+    same = student.detach().clone().requires_grad_()
+    with use_backend("cpp"):
+        loss, grads = loss_and_grads(spatial_affinity_loss, student, same)
+    assert loss.item() == 0 and all(torch.count_nonzero(g) == 0 for g in grads)
 
 
 def test_result_independent_of_thread_count():

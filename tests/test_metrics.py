@@ -129,7 +129,7 @@ def test_metrics_extension_is_built():
 
 
 @pytest.mark.parametrize("shape", [(11, 11), (12, 300), (257, 13), (40, 531)])
-def test_cpp_ssim_matches_reference_and_is_thread_independent(shape, monkeypatch):
+def test_cpp_ssim_matches_reference_and_is_thread_independent(shape, monkeypatch, cpu_isa):
     rng = np.random.default_rng(shape[1])
     big = rng.random((shape[0] + 6, shape[1] * 2 + 5)) * 255
     a = big[3:-3, 2 : 2 + shape[1] * 2 : 2]  # strided columns: copied before the kernel
@@ -145,7 +145,7 @@ def test_cpp_ssim_matches_reference_and_is_thread_independent(shape, monkeypatch
     assert len(results) == 1 and abs(results.pop() - expected) < 1e-10
 
 
-def test_cpp_rgb_to_y_matches_reference():
+def test_cpp_rgb_to_y_matches_reference(cpu_isa):
     img = np.random.default_rng(9).random((17, 23, 3)) * 255
     for view in (img, img[::-1, ::2], np.asfortranarray(img)):
         with use_backend("cpp"):

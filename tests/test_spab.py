@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from dsclora.models import SPAN, load_model
-from dsclora_kernels import _extension, _log, spab, spab_reference, use_backend
+from dsclora_kernels import _extension, _log, _native, spab, spab_reference, use_backend
 
 spab_module = importlib.import_module("dsclora_kernels.spab")
 needs_cpp = pytest.mark.skipif(_extension.load("spab") is None, reason="C++ extension _spab not built")
@@ -63,11 +63,7 @@ def test_cpp_forward_matches_reference(shape):
 
 
 @needs_cpp
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
-def test_cpp_every_instruction_set(monkeypatch, isa):
-    if isa not in _extension.load("spab").isas():
-        pytest.skip(f"this CPU does not run {isa}")
-    monkeypatch.setattr(spab_module, "CPU_ISA", isa)
+def test_cpp_every_instruction_set(cpu_isa):
     x, weights = block_inputs(2, 26, 11, 37)
     g_out, g_h1 = torch.randn_like(x), torch.randn_like(x)
     with use_backend("cpp"):
@@ -85,13 +81,12 @@ TILINGS = [(8, 3, 3), (5, 1, 2), (13, 4, 1), (64, 2, 4)]  # strip width, band he
 @pytest.mark.parametrize("strip_width,band_height,threads", TILINGS)
 def test_cpp_tilings_give_the_same_result(strip_width, band_height, threads):
     """Strips and bands recompute their halos: every tiling must equal the reference."""
-    ext = _extension.load("spab")
     x, weights = block_inputs(2, 26, 10, 29)
-    packed = spab_module._pack_cpu(*weights)
+    isa, packed = spab_module._cpp(weights)
     out, h1 = torch.empty_like(x), torch.empty_like(x)
-    desc = spab_module._desc
-    ext.forward(tuple(x.shape), desc(x), desc(out), desc(h1), [p.data_ptr() for p in packed],
-                threads, "auto", strip_width, band_height)
+    arg = spab_module._arg
+    _native.call("spab", "forward", arg(x, "x"), arg(out, "out"), arg(h1, "h1"), packed, threads=threads, isa=isa,
+                 strip_width=strip_width, band_height=band_height)
     assert max_error((out, h1), reference64(x, weights)) <= 1e-4
 
 
@@ -99,25 +94,26 @@ def test_cpp_tilings_give_the_same_result(strip_width, band_height, threads):
 @pytest.mark.parametrize("strip_width,band_height,threads", TILINGS)
 def test_cpp_backward_steps_under_any_tiling(strip_width, band_height, threads):
     """The backward's C++ steps: (conv(in, w) + add) * mul and the weight gradient."""
-    ext, desc = _extension.load("spab"), spab_module._desc
+    arg, tiling = spab_module._arg, dict(strip_width=strip_width, band_height=band_height)
     inp, (w, b, *_) = block_inputs(2, 26, 10, 29)
     add, mul = torch.randn_like(inp), torch.randn_like(inp).contiguous(memory_format=torch.channels_last)
     out = torch.empty_like(inp)
-    packed = spab_module._pack_cpu(w)[0]
-    ext.conv(tuple(inp.shape), desc(inp), desc(out), packed.data_ptr(), b.data_ptr(), desc(add), desc(mul),
-             threads, "auto", strip_width, band_height)
+    isa = _native.isa("spab")
+    packed = spab_module._pack_cpu(w, isa=isa)[0]
+    _native.call("spab", "conv", arg(inp, "inp"), arg(out, "out"), arg(packed, "w"), arg(b, "b"), arg(add, "add"),
+                 arg(mul, "mul"), threads=threads, isa=isa, **tiling)
     inp64, w64, b64 = inp.double(), w.double(), b.double()
     expected = (torch.nn.functional.conv2d(inp64, w64, b64, padding=1) + add) * mul
     assert max_error((out,), (expected,)) <= 1e-4
 
     g = torch.randn_like(inp)
     g_w, g_b = torch.empty_like(w), torch.empty_like(b)
-    ext.wgrad(tuple(inp.shape), desc(g), desc(inp), g_w.data_ptr(), g_b.data_ptr(), threads, "auto",
-              strip_width, band_height)
+    _native.call("spab", "wgrad", arg(g, "g"), arg(inp, "inp"), arg(g_w, "dw"), arg(g_b, "db"), threads=threads,
+                 **tiling)
     _, expected_w, expected_b = spab_module._conv_backward(g.double(), inp64, w64, (False, True, True))
     assert relative_l2((g_w, g_b), (expected_w, expected_b)) <= 1e-6
     g_w1 = torch.empty_like(w)  # the same result on one thread: deterministic
-    ext.wgrad(tuple(inp.shape), desc(g), desc(inp), g_w1.data_ptr(), 0, 1, "auto", strip_width, band_height)
+    _native.call("spab", "wgrad", arg(g, "g"), arg(inp, "inp"), arg(g_w1, "dw"), None, threads=1, **tiling)
     assert torch.equal(g_w, g_w1)
 
 
