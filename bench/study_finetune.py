@@ -39,6 +39,13 @@ VARIANTS = {
     "lr-1e-5-no-ad": ["stages.0.lr=1e-5", "loss.ad=0"],
     "lr-1e-5-dscf": ["stages.0.lr=1e-5", 'loss.features="dscf"'],
     "lr-1e-5-ts-only": ["stages.0.lr=1e-5", "loss.rec=0", "loss.ts=1"],
+    "lr-1e-5-ts-only-no-ad": ["stages.0.lr=1e-5", "loss.rec=0", "loss.ts=1", "loss.ad=0"],
+    "lr-1e-5-ts-only-dscf": ["stages.0.lr=1e-5", "loss.rec=0", "loss.ts=1", 'loss.features="dscf"'],
+    "lr-1e-5-ts-only-ad-0.001": ["stages.0.lr=1e-5", "loss.rec=0", "loss.ts=1", "loss.ad=0.001"],
+    "lr-3e-6-ts-only": ["stages.0.lr=3e-6", "loss.rec=0", "loss.ts=1"],
+    "lr-1e-5-ts-rec-0.1": ["stages.0.lr=1e-5", "loss.rec=0.1", "loss.ts=1"],
+    "lr-3e-5-ts-only-ad-0.001": ["stages.0.lr=3e-5", "loss.rec=0", "loss.ts=1", "loss.ad=0.001"],
+    "lr-3e-6-ts-only-ad-0.001": ["stages.0.lr=3e-6", "loss.rec=0", "loss.ts=1", "loss.ad=0.001"],
 }
 
 
@@ -62,12 +69,12 @@ def split_training_images(out: Path) -> tuple[list[str], list[str]]:
     return train_dirs, [str(held)]
 
 
-def evaluate(model_path) -> dict[str, float]:
-    """{test set: mean PSNR (Y)} of a checkpoint on the plain PyTorch path."""
+def evaluate(checkpoint) -> dict[str, float]:
+    """{test set: mean PSNR (Y)} of a checkpoint (path or state dict) on the plain PyTorch path."""
     from dsclora.evaluation import evaluate_folder
     from dsclora.models import load_model
 
-    model = load_model(model_path).eval()
+    model = load_model(checkpoint).eval()
     return {name: evaluate_folder(model, SHARED / "data" / name)["psnr"] for name in TEST_SETS}
 
 
@@ -97,16 +104,28 @@ def run_variant(name: str, overrides: list[str], args, data: tuple[list[str], li
             "selected_iteration": selected, "last": last, "export": export}
 
 
+def blended(run_dir: Path, beta: float) -> dict:
+    """The eval-form state dict β·W_last + (1 − β)·W_base: the trainer's ``model.beta`` applied
+    after the fact (only the adapted weights differ between the two)."""
+    from dsclora.models import load_model
+
+    last = load_model(run_dir / "dsclora_x4_last.pth").state_dict()
+    base = load_model(SHARED / "weights" / BASE).state_dict()
+    return {k: beta * last[k] + (1 - beta) * base[k] for k in base}
+
+
 def table(rows: list[dict], base: dict[str, float], header: str) -> str:
-    """Markdown: PSNR deltas (dB) vs the base for each variant's last and exported model."""
+    """Markdown: PSNR deltas (dB) vs the base for each variant's last and exported model (and
+    the last one blended with the base, β < 1)."""
     sets = " | ".join(TEST_SETS)
     lines = [header, "", f"base PSNR (Y): " + ", ".join(f"{s} {base[s]:.4f}" for s in TEST_SETS), "",
              f"| variant | overrides | model | {sets} | mean | train s |",
              "|---|---|---|" + "---|" * len(TEST_SETS) + "---|---|"]
     for row in rows:
-        for model in ("last", "export"):
-            deltas = [row[model][s] - base[s] for s in TEST_SETS]
-            label = model if model == "last" else f"export (it {row['selected_iteration']})"
+        models = {"last": row["last"], f"export (it {row['selected_iteration']})": row["export"],
+                  **{f"last, β = {beta}": psnr for beta, psnr in sorted(row.get("beta", {}).items())}}
+        for label, psnr in models.items():
+            deltas = [psnr[s] - base[s] for s in TEST_SETS]
             cells = " | ".join(f"{d:+.4f}" for d in deltas)
             lines.append(f"| {row['variant']} | {' '.join(row['overrides']) or '-'} | {label} | {cells} | "
                          f"{sum(deltas) / len(deltas):+.4f} | {row['train_seconds']:.0f} |")
@@ -126,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
     parser.add_argument("--table", type=Path, default=None, help="write the Markdown table here too")
     parser.add_argument("--force", action="store_true", help="rerun variants that have results")
+    parser.add_argument("--betas", default="", help="also evaluate the last model blended with the base at "
+                        "these β (comma-separated; no retraining)")
     args = parser.parse_args(argv)
     if args.list:
         for name, overrides in VARIANTS.items():
@@ -147,7 +168,11 @@ def main(argv=None) -> int:
         if args.force or not done.exists():
             row = run_variant(name, VARIANTS[name], args, data, base)
             done.write_text(json.dumps(row, indent=1))
-        rows.append(json.loads(done.read_text()))
+        row = json.loads(done.read_text())
+        for beta in [b for b in args.betas.split(",") if b and b not in row.setdefault("beta", {})]:
+            row["beta"][beta] = evaluate(blended(args.out / name, float(beta)))
+            done.write_text(json.dumps(row, indent=1))
+        rows.append(row)
         print(table(rows[-1:], base, f"## {name}"), flush=True)
     header = (f"## Fine-tuning study: {args.iterations} iterations x batch {args.batch} x {args.patch}px HR, "
               f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")

@@ -36,11 +36,34 @@ class PretrainSettings:
 
 
 @dataclass
+class Recipe:
+    """The fine-tune: ``stages`` of (iterations, HR patch, batch, lr, schedule), loss settings
+    (``dsclora.train.config.LossConfig`` fields), the export's β and the validation interval."""
+
+    stages: list[tuple[int, int, int, float, str]]
+    loss: dict = field(default_factory=dict)
+    beta: float = 1.0
+    validate_every: int = 50
+
+
+#: Built-in toy models and images: seconds of training with the paper's loss weights.
+TOY_RECIPE = Recipe(stages=[(100, 128, 2, 2e-4, "constant"), (12, 192, 2, 2e-4, "constant")])
+#: Real SPAN checkpoints (``--base``/``--teacher``) on a CPU budget, as the fine-tuning study chose it
+#: (bench/study_finetune.py, bench/STUDY.md): the teacher's output as the only pixel target (the
+#: small training sets' JPEG-born HR images pull the student away from the benchmarks), a light
+#: affinity term, lr 1e-5, and the merged weights averaged with the base (β = 0.5).
+REAL_RECIPE = Recipe(stages=[(2000, 128, 8, 1e-5, "constant"), (100, 192, 8, 1e-5, "constant")],
+                     loss={"rec": 0.0, "ts": 1.0, "ad": 0.001}, beta=0.5, validate_every=500)
+
+
+@dataclass
 class DemoSettings:
     out: Path = Path("dsclora_demo")
     base: str | None = None          # SPAN checkpoint; None: pretrain one on the data
     teacher: str | None = None       # SPAN checkpoint; None: pretrain a wider one
-    data: str | None = None          # folder of HR images; None: built-in sample images
+    data: list[str] | None = None    # folders of HR images; None: built-in sample images
+    benchmarks: list[str] = field(default_factory=list)  # HR folders evaluated at the end (bicubic LR)
+    recipe: Recipe | None = None     # None: REAL_RECIPE with --base/--teacher, else TOY_RECIPE
     scale: int = 4
     seed: int = 0
     device: str = "auto"
@@ -50,9 +73,12 @@ class DemoSettings:
     image_size: int = 192
     base_pretrain: PretrainSettings = field(default_factory=lambda: PretrainSettings(12, 250))
     teacher_pretrain: PretrainSettings = field(default_factory=lambda: PretrainSettings(24, 400))
-    stage_one: tuple[int, int, int] = (100, 128, 2)   # iterations, HR patch, batch
-    stage_two: tuple[int, int, int] = (12, 192, 2)
-    finetune_lr: float = 2e-4
+
+    @property
+    def finetune(self) -> Recipe:
+        if self.recipe is not None:
+            return self.recipe
+        return REAL_RECIPE if self.base is not None else TOY_RECIPE
 
 
 @dataclass
@@ -82,9 +108,9 @@ def prepare_data(settings: DemoSettings) -> tuple[Path, Path]:
         _say(f"data: {settings.train_images} training + {settings.held_out_images} held-out built-in sample "
              f"images ({size}x{size}) in {settings.out / 'data'}")
         return train_dir, held_dir
-    images = list_images(settings.data)
+    images = [image for folder in settings.data for image in list_images(folder)]
     if len(images) < 2:
-        raise ValueError(f"{settings.data}: the demo needs at least 2 images (training + held-out)")
+        raise ValueError(f"{', '.join(settings.data)}: the demo needs at least 2 images (training + held-out)")
     held = images[:: max(2, len(images) // max(1, settings.held_out_images))][: settings.held_out_images]
     for folder, files in ((train_dir, [p for p in images if p not in held]), (held_dir, held)):
         folder.mkdir(parents=True, exist_ok=True)
@@ -92,7 +118,7 @@ def prepare_data(settings: DemoSettings) -> tuple[Path, Path]:
             link = folder / src.name
             if not link.exists():
                 os.symlink(src.resolve(), link)
-    _say(f"data: {len(images) - len(held)} training + {len(held)} held-out images from {settings.data} "
+    _say(f"data: {len(images) - len(held)} training + {len(held)} held-out images from {', '.join(settings.data)} "
          f"(linked in {settings.out / 'data'})")
     return train_dir, held_dir
 
@@ -241,35 +267,44 @@ def affinity_memory(batch: int, lr_patch: int, channels: tuple[int, int], layers
     return naive, fused
 
 
-def finetune_config(settings: DemoSettings, base: Path, teacher: Path, train_dir: Path):
-    """The trainer configuration of the fine-tune (the demo evaluates the result itself)."""
-    from dsclora.train.config import StageConfig, TrainConfig, validate
+def finetune_config(settings: DemoSettings, base: Path, teacher: Path, train_dir: Path, held_dir: Path):
+    """The trainer configuration of the fine-tune: ``settings.finetune``, validated on the held-out
+    images (so the export is never worse there than the base)."""
+    from dsclora.train.config import LossConfig, StageConfig, TrainConfig, validate
 
+    recipe = settings.finetune
     config = TrainConfig(run_dir=str(settings.out / "run"), seed=settings.seed, device=settings.device,
                          log_every=10, checkpoint_every=10_000, progress=True)
     config.model.base, config.model.teacher = str(base), str(teacher)
     config.data.hr, config.data.workers = [str(train_dir)], settings.workers
-    config.stages = [StageConfig(it, patch, batch, settings.finetune_lr)
-                     for it, patch, batch in (settings.stage_one, settings.stage_two)]
+    config.stages = [StageConfig(*stage) for stage in recipe.stages]
+    config.loss = LossConfig(**recipe.loss)
+    config.model.beta = recipe.beta
+    config.validation.hr, config.validation.every = [str(held_dir)], recipe.validate_every
     validate(config, "demo configuration")
     return config
 
 
-def finetune(settings: DemoSettings, base: Path, teacher: Path, train_dir: Path):
+def finetune(settings: DemoSettings, base: Path, teacher: Path, train_dir: Path, held_dir: Path):
     from dsclora.models import load_model
+    from dsclora.models.span import DSCF_FEATURE_BLOCKS
     from dsclora.train import Trainer
 
-    config = finetune_config(settings, base, teacher, train_dir)
+    config = finetune_config(settings, base, teacher, train_dir, held_dir)
     if Path(config.run_dir).exists():  # a previous demo's run: start over
         shutil.rmtree(config.run_dir)
-    iterations, patch, batch = settings.stage_two
-    lr_patch = patch // settings.scale
+    last = config.stages[-1]
+    lr_patch = last.patch_size // settings.scale
     widths = (load_model(base).feature_channels, load_model(teacher).feature_channels)
-    naive, fused = affinity_memory(batch, lr_patch, widths)
-    _say(f"fine-tune: stage 1 {settings.stage_one[0]} it on {settings.stage_one[1]}px HR patches, "
-         f"stage 2 {iterations} it on {patch}px (N = {lr_patch}x{lr_patch} = {lr_patch ** 2} LR pixels)")
-    _say(f"  affinity loss memory at stage 2 (batch {batch}, 6 layers): naive {naive / 2**30:.2f} GiB "
-         f"for the N x N matrices vs about {fused / 2**20:.1f} MiB fused ({naive / fused:.0f}x less)")
+    layers = 3 * DSCF_FEATURE_BLOCKS if config.loss.features == "dscf" else 6
+    naive, fused = affinity_memory(last.batch_size, lr_patch, widths, layers)
+    loss = config.loss
+    _say(f"fine-tune: " + ", ".join(f"stage {i + 1} {s.iterations} it on {s.patch_size}px HR patches (batch "
+                                    f"{s.batch_size}, lr {s.lr:g})" for i, s in enumerate(config.stages))
+         + f"; loss {loss.rec:g}·rec + {loss.ts:g}·ts + {loss.ad:g}·affinity({loss.features})")
+    _say(f"  affinity loss memory at the last stage (N = {lr_patch}x{lr_patch} = {lr_patch ** 2} LR pixels, batch "
+         f"{last.batch_size}, {layers} maps): naive {naive / 2**30:.2f} GiB for the N x N matrices vs about "
+         f"{fused / 2**20:.1f} MiB fused ({naive / fused:.0f}x less)")
     start = time.perf_counter()
     result = Trainer(config).run()
     _say(f"  {result.iterations} iterations in {time.perf_counter() - start:.0f} s; "
@@ -323,20 +358,33 @@ def write_outputs(models: dict, held_dir: Path, out: Path, scale: int) -> dict[s
 
 
 def evaluate(settings: DemoSettings, base: Path, teacher: Path, exported: Path, held_dir: Path, device):
-    """PSNR/SSIM/time of bicubic, base, teacher and DSCLoRA (fused inference) on held-out images."""
+    """PSNR/SSIM/time of bicubic, base, teacher and DSCLoRA (fused inference) on the held-out images
+    and the benchmark folders: (models, results {model: {set: ...}}, held-out count)."""
     from dsclora import infer
     from dsclora.evaluation import load_pairs
-    from dsclora.train.report import bicubic_upscaler, evaluate_models
+    from dsclora.train.report import bicubic_upscaler, evaluate_models, validation_sets
 
     models = {"bicubic": bicubic_upscaler(settings.scale),
               "base": infer.load(base, device=device, dtype=torch.float32),
               "teacher": infer.load(teacher, device=device, dtype=torch.float32),
               "DSCLoRA": infer.load(exported, device=device, dtype=torch.float32)}
-    pairs = {"held-out": load_pairs(held_dir, None, settings.scale)}
+    pairs = {"held-out": load_pairs(held_dir, None, settings.scale),
+             **validation_sets(settings.benchmarks, settings.scale)}
     warm_up = {"held-out": pairs["held-out"][:1]}  # first calls pay one-time costs: not timed
     evaluate_models(models, warm_up, settings.scale, settings.scale, "y", device)
     results = evaluate_models(models, pairs, settings.scale, settings.scale, "y", device)
     return models, results, len(pairs["held-out"])
+
+
+def benchmark_table(results: dict) -> str:
+    """PSNR / SSIM (Y) per benchmark set and model, and the DSCLoRA − base PSNR change."""
+    from dsclora.train.report import markdown_table
+
+    sets = [name for name in next(iter(results.values())) if name != "held-out"]
+    table = markdown_table({m: {s: per_set[s] for s in sets} for m, per_set in results.items()},
+                           "Benchmarks (PSNR dB / SSIM on Y, border = scale)")
+    deltas = [results["DSCLoRA"][s]["psnr"] - results["base"][s]["psnr"] for s in sets]
+    return table + "| DSCLoRA − base (dB) | " + " | ".join(f"{d:+.4f}" for d in deltas) + " |\n"
 
 
 def results_table(results: dict, count: int, params: dict[str, int]) -> str:
@@ -363,7 +411,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     _say(note or "Running on the given weights and data.")
     train_dir, held_dir = prepare_data(settings)
     base, teacher, curves = prepare_models(settings, train_dir, device)
-    finetune(settings, base, teacher, train_dir)
+    finetune(settings, base, teacher, train_dir, held_dir)
     exported = settings.out / "run" / f"dsclora_x{settings.scale}.pth"
     models, results, count = evaluate(settings, base, teacher, exported, held_dir, device)
     params = {name: sum(p.numel() for p in load_model(path).parameters())
@@ -374,6 +422,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     if curves:
         files["pretrain loss"] = plot_curves(curves, settings.out / "pretrain_loss.png", title="Pretraining L1 loss")
     table = results_table(results, count, params)
+    if settings.benchmarks:
+        table += "\n" + benchmark_table(results)
     seconds = time.perf_counter() - start
     summary = (f"# dsclora demo\n\n{table}\nDSCLoRA = base + ConvLoRA fine-tuned with distillation from "
                f"the teacher, merged: same size and speed as the base.\nTotal time {seconds:.0f} s.\n\n"

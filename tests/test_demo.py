@@ -10,7 +10,8 @@ from PIL import Image
 
 from dsclora import infer
 from dsclora.demo import (
-    affinity_memory, bicubic_taps, fit_linear_upsampler, interpolation_init, with_img_range,
+    REAL_RECIPE, TOY_RECIPE, DemoSettings, affinity_memory, benchmark_table, bicubic_taps, finetune_config,
+    fit_linear_upsampler, interpolation_init, with_img_range,
 )
 from dsclora.evaluation import ImagePair
 from dsclora.models import SPAN, load_model
@@ -67,6 +68,27 @@ def test_affinity_memory_numbers():
     naive, fused = affinity_memory(batch=2, lr_patch=48, channels=(12, 24))
     n = 48 * 48
     assert naive == 6 * 2 * 2 * n * n * 4 and fused == 6 * 2 * 2 * 36 * n * 4
+
+
+def test_real_checkpoints_get_the_studied_recipe_validated_on_held_out_images(tmp_path):
+    toy = finetune_config(DemoSettings(out=tmp_path), tmp_path / "b.pth", tmp_path / "t.pth", tmp_path / "tr",
+                          tmp_path / "held")
+    real = finetune_config(DemoSettings(out=tmp_path, base="b.pth", teacher="t.pth"), tmp_path / "b.pth",
+                           tmp_path / "t.pth", tmp_path / "tr", tmp_path / "held")
+    assert [s.iterations for s in toy.stages] == [s[0] for s in TOY_RECIPE.stages]
+    assert [(s.iterations, s.patch_size, s.batch_size, s.lr) for s in real.stages] == [
+        s[:4] for s in REAL_RECIPE.stages]
+    assert (real.loss.rec, real.loss.ts, real.loss.ad, real.model.beta) == (0.0, 1.0, 0.001, 0.5)
+    assert real.validation.hr == toy.validation.hr == [str(tmp_path / "held")]
+
+
+def test_benchmark_table_has_every_set_and_the_change_against_the_base():
+    results = {m: {s: {"psnr": p + i, "ssim": 0.5, "seconds": 1.0}
+                   for i, s in enumerate(("held-out", "Set5", "Set14"))}
+               for m, p in (("base", 30.0), ("DSCLoRA", 30.0125))}
+    table = benchmark_table(results)
+    assert "Set5" in table and "Set14" in table and "held-out" not in table
+    assert table.strip().endswith("| DSCLoRA − base (dB) | +0.0125 | +0.0125 |")
 
 
 def _table_value(text: str, model: str) -> float:

@@ -6,7 +6,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="dsclora_demo", help="output folder (default ./dsclora_demo)")
     parser.add_argument("--base", help="SPAN checkpoint to fine-tune (default: pretrain a small one)")
     parser.add_argument("--teacher", help="SPAN teacher checkpoint (default: pretrain a wider one)")
-    parser.add_argument("--data", help="folder of HR images (default: built-in procedural sample images)")
+    parser.add_argument("--data", action="append", help="folder of HR images, repeatable; a few are held out for "
+                        "validation and the table (default: built-in procedural sample images)")
+    parser.add_argument("--benchmark", action="append", default=[], metavar="HR_DIR",
+                        help="benchmark folder of HR images to evaluate at the end (bicubic LR), repeatable")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -23,7 +26,7 @@ def run(args) -> int:
         print("dsclora demo: error: give both --base and --teacher, or neither", file=sys.stderr)
         return 2
     settings = DemoSettings(out=Path(args.out), base=args.base, teacher=args.teacher, data=args.data,
-                            device=args.device, seed=args.seed)
+                            benchmarks=args.benchmark, device=args.device, seed=args.seed)
     if args.base is not None:
         from dsclora.models import load_model
 
