@@ -53,25 +53,26 @@ INTERPRETER = LaunchConfig(panel=256, small_frames=True, num_warps=4, num_stages
 MAX_CHANNELS = 64
 
 # The GPU table: (bytes per element, padded channels) -> config, for forward and recompute alike,
-# with per-architecture entries; chosen with triton_budget (Triton 3.9) and checked for every
-# architecture by tests/test_triton_budget.py: shared memory within the limit, no fp16/bf16
-# spills, programs_per_sm resident at once (so the persistent grid runs in one wave). Two programs
-# of 4 warps per SM hide each other's barriers and epilogues (255 registers x 128 threads x 2 fill
-# the register file); num_stages - 1 tap panels are prefetched into shared memory (cp.async).
-# 16-bit: 64- / 32-pixel panels at 32 / 64 channels (larger ones spill on sm_86 / sm_89).
+# with per-architecture entries; chosen with triton_budget (Triton 3.9, cross-checked with 3.6)
+# and checked for every architecture by tests/test_triton_budget.py: shared memory within the
+# limit, no fp16/bf16 spills, programs_per_sm resident at once (the persistent grid runs in one
+# wave). Two programs of 4 warps per SM hide each other's barriers and epilogues (255 registers
+# x 128 threads x 2 fill the register file); num_stages - 1 tap panels are prefetched into
+# shared memory (cp.async). The 16-bit kernels sit at ptxas's 255-register edge, so entries are
+# per architecture: 128-pixel panels, a third stage on sm_86 / sm_89, or 4 warps at 64 channels
+# on sm_80 / sm_90 spilled.
 _GPU_CONFIGS = {
     (2, 32): LaunchConfig(panel=64, small_frames=False, num_warps=4, num_stages=2, programs_per_sm=2),
     (2, 64): LaunchConfig(panel=32, small_frames=False, num_warps=4, num_stages=2, programs_per_sm=2),
-    # tf32x3 splits both operands in two: fp32 spills a few dozen bytes at most
+    # fp32 (tf32x3 splits both operands in two) may spill a few dozen bytes
     (4, 32): LaunchConfig(panel=64, small_frames=False, num_warps=4, num_stages=3, programs_per_sm=2),
     (4, 64): LaunchConfig(panel=32, small_frames=False, num_warps=4, num_stages=2, programs_per_sm=2),
 }
 _ARCH_CONFIGS = {
-    # a third stage fits sm_80 / sm_90's registers (it spills on sm_89)
-    ("sm_80", 2, 32): LaunchConfig(panel=64, small_frames=False, num_warps=4, num_stages=3, programs_per_sm=2),
     ("sm_90", 2, 32): LaunchConfig(panel=64, small_frames=False, num_warps=4, num_stages=3, programs_per_sm=2),
-    # sm_90's 32-pixel recompute spills: one program of 8 warps per SM on 64-pixel panels
-    ("sm_90", 2, 64): LaunchConfig(panel=64, small_frames=False, num_warps=8, num_stages=2, programs_per_sm=1),
+    # one program of 8 warps per SM: fewer values per thread
+    ("sm_80", 2, 64): LaunchConfig(panel=64, small_frames=False, num_warps=8, num_stages=2, programs_per_sm=1),
+    ("sm_90", 2, 64): LaunchConfig(panel=32, small_frames=False, num_warps=8, num_stages=1, programs_per_sm=1),
 }
 
 
@@ -224,14 +225,17 @@ if triton is not None:
                 m = core[:, None] & (ch[None, :] < C)
                 xc = tl.load(x_img + (y * sxh + x * sxw)[:, None] + ch[None, :] * sxc, mask=m, other=0.0)
                 xc = xc.to(tl.float32)
+                attention = s3 - 0.5
                 if RECOMPUTE:
+                    # dout/do3 = (o3 + x) s3 (1 - s3) + s3 - 0.5, formed before dL/dout is loaded:
+                    # two live tiles instead of four (o3, s3, x, g) keep 16-bit sm_90 from spilling
+                    d_o3 = (o3 + xc) * s3 * (1 - s3) + attention
                     g = tl.load(GOUT + n * sgn + (y * sgh + x * sgw)[:, None] + ch[None, :] * sgc, mask=m, other=0.0)
                     g = g.to(tl.float32)
-                    g_xres = g * (s3 - 0.5)
-                    _store(GO3 + o_off, y, x, soh, sow, soc, C, g_xres + g * (o3 + xc) * s3 * (1 - s3), core, CP)
-                    _store(GXRES + o_off, y, x, soh, sow, soc, C, g_xres, core, CP)
+                    _store(GO3 + o_off, y, x, soh, sow, soc, C, g * d_o3, core, CP)
+                    _store(GXRES + o_off, y, x, soh, sow, soc, C, g * attention, core, CP)
                 else:
-                    _store(OUT + o_off, y, x, soh, sow, soc, C, (o3 + xc) * (s3 - 0.5), core, CP)
+                    _store(OUT + o_off, y, x, soh, sow, soc, C, (o3 + xc) * attention, core, CP)
             tl.debug_barrier()
 
 

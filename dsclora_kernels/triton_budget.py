@@ -66,20 +66,20 @@ def _archs() -> dict[str, gpu_arch.Arch]:
     return {a.name: a for a in gpu_arch.ARCHS}
 
 
-def cases(archs: Optional[tuple[str, ...]] = None) -> list[Case]:
+def cases(archs: Optional[tuple[str, ...]] = None, kernels: tuple[str, ...] = ("spab", "affinity")) -> list[Case]:
     """Every launch the ops make on CUDA tensors, on every architecture of ``gpu_arch.ARCHS``
-    (or those named in ``archs``)."""
+    (or those named in ``archs``), of ``kernels``."""
     result = []
     for arch in gpu_arch.ARCHS:
         if archs is not None and arch.name not in archs:
             continue
-        for dtype in spab_triton.DTYPES:
+        for dtype in spab_triton.DTYPES if "spab" in kernels else ():
             for channels in SPAB_CHANNELS:
                 for recompute in (False, True):
                     config = spab_triton.launch_config(arch, dtype, spab_triton.padded_channels(channels))
                     result.append(Case("spab", str(dtype)[6:], str(channels), "recompute" if recompute else "forward",
                                        _describe(config), arch.name, (dtype, channels, recompute)))
-        for cs, ct in AFFINITY_CHANNELS:
+        for cs, ct in AFFINITY_CHANNELS if "affinity" in kernels else ():
             for case in affinity_triton.aot_cases(cs, ct, arch):
                 result.append(Case("affinity", str(case.dtype)[6:], f"{cs}/{ct}", case.mode, case.config, arch.name,
                                    (cs, ct) + case.build))
@@ -145,16 +145,18 @@ def _measure_one(case: Case) -> Row:
                time.perf_counter() - start)
 
 
-def measure(jobs: int = 2, archs: Optional[tuple[str, ...]] = None) -> list[Row]:
-    """Compile every case of ``cases(archs)`` with ``jobs`` processes; rows in case order."""
+def measure(jobs: int = 2, archs: Optional[tuple[str, ...]] = None,
+            kernels: tuple[str, ...] = ("spab", "affinity")) -> list[Row]:
+    """Compile every case of ``cases(archs, kernels)`` with ``jobs`` processes; rows in case order."""
     if triton_interpreting():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        command = [sys.executable, "-m", __name__, "--json", f"--jobs={jobs}", *(["--archs", *archs] if archs else [])]
+        command = [sys.executable, "-m", __name__, "--json", f"--jobs={jobs}", "--kernels", *kernels,
+                   *(["--archs", *archs] if archs else [])]
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
         return [_row_from_json(r) for r in json.loads(done.stdout)]
-    todo = cases(archs)
+    todo = cases(archs, kernels)
     if jobs <= 1:
         return [_measure_one(c) for c in todo]
     # spawn: each worker imports Triton afresh (no compiler state shared over fork)
@@ -228,12 +230,13 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiling processes")
     parser.add_argument("--json", action="store_true", help="rows as JSON (for measure())")
     parser.add_argument("--archs", nargs="+", help="only these architectures (e.g. sm_80)")
+    parser.add_argument("--kernels", nargs="+", default=["spab", "affinity"], choices=["spab", "affinity"])
     parser.add_argument("--device", help="launch on this CUDA device instead and show what it reports")
     args = parser.parse_args(argv)
     if args.device:
         print(device_table(args.device))
         return 0
-    rows = measure(args.jobs, tuple(args.archs) if args.archs else None)
+    rows = measure(args.jobs, tuple(args.archs) if args.archs else None, tuple(args.kernels))
     if args.json:
         print(json.dumps([{**r._asdict(), "case": {**r.case._asdict(), "build": None}} for r in rows]))
         return 0

@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -22,3 +23,20 @@ def shared() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def expect_launches():
+    """``with expect_launches("spab.forward", ...):`` fails unless the block launched each named
+    Triton kernel (names of ``dsclora_kernels._launches``): the fused path ran, no fallback.
+    ``when=False`` checks nothing (a test parametrised over backends)."""
+    from dsclora_kernels import _launches  # after TRITON_INTERPRET is set above
+
+    @contextlib.contextmanager
+    def expect(*kernels, when=True):
+        with _launches.counting() as launched:
+            yield launched
+        missing = [k for k in kernels if when and not launched[k]]
+        assert not missing, f"Triton kernels {missing} were not launched (launched: {dict(launched)})"
+
+    return expect
