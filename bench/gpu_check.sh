@@ -2,7 +2,7 @@
 # GPU checks for the lent GPU machine (no GPU in CI): bash bench/gpu_check.sh [SECTION...]
 # Sections: budget spab affinity infer sanitizer (default: all, in that order). Each is independent,
 # has its own timeout, prints "== section: PASS|FAIL|TIMEOUT (s)" and ends up in the summary table.
-# Whole run: under 8 minutes on one H100/H200 (section timeouts add up to 7.5 minutes at most).
+# Whole run: under 8 minutes on one H100/H200 (the section timeouts add up to 7.4 minutes).
 set -u
 cd "$(dirname "$0")/.."
 export DSCLORA_SHARED="${DSCLORA_SHARED:-$(pwd)/../shared}"
@@ -41,30 +41,30 @@ gpu_pytest_under() {
 }
 
 echo "== machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
-section "install (no C++ extensions)" 120 env DSCLORA_EXTENSIONS=none pip install -q --no-build-isolation --no-deps .
+section "install (no C++ extensions)" 60 env DSCLORA_EXTENSIONS=none pip install -q --no-build-isolation --no-deps .
 python -m dsclora info 2>/dev/null | grep -i -E "triton|torch|cuda" | head -5
 
 # ==== budget: every Triton launch on this GPU: what the driver reports vs the ahead-of-time compile ====
 if want budget; then
-  section "budget: launch + report" 150 python -m dsclora_kernels.triton_budget --device cuda
+  section "budget: launch + report" 100 python -m dsclora_kernels.triton_budget --device cuda
 fi
 
 # ==== spab: the fused SPAB op (Triton forward + recompute backward) ==============================
 if want spab; then
-  section "spab: CUDA tests" 90 gpu_pytest test_spab.py -k cuda
-  section "spab: bench 1x26x512x512 fp16" 60 python bench/bench_spab.py --device cuda --repeats 20
+  section "spab: CUDA tests" 60 gpu_pytest test_spab.py -k cuda
+  section "spab: bench 1x26x512x512 fp16" 30 python bench/bench_spab.py --device cuda --repeats 20
 fi
 
 # ==== affinity: the blockwise Triton loss + gradient ============================================
 if want affinity; then
-  section "affinity: CUDA tests" 90 gpu_pytest test_affinity.py -k "triton-cuda and not real_features_student"
-  section "affinity: bench B=8 H=W 64,128" 60 python bench/bench_affinity.py --device cuda --sizes 64 128
+  section "affinity: CUDA tests" 60 gpu_pytest test_affinity.py -k "triton-cuda and not real_features_student"
+  section "affinity: bench B=8 H=W 64,128" 30 python bench/bench_affinity.py --device cuda --sizes 64 128
 fi
 
 # ==== infer: fused merged-weight inference ======================================================
 if want infer; then
-  section "infer: CUDA tests" 45 gpu_pytest test_infer.py -k cuda
-  section "infer: bench 1x3x339x510 x4 (no compile)" 60 python bench/bench_infer.py --device cuda --no-compile --no-onnx
+  section "infer: CUDA tests" 30 gpu_pytest test_infer.py -k cuda
+  section "infer: bench 1x3x339x510 x4 (no compile)" 30 python bench/bench_infer.py --device cuda --no-compile --no-onnx
 fi
 
 # ==== sanitizer: compute-sanitizer memcheck on the fused kernels (small sizes) ==================
@@ -73,7 +73,7 @@ fi
 if want sanitizer; then
   SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
   if [ -x "$SANITIZER" ]; then
-    section "sanitizer: memcheck spab+affinity" 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    section "sanitizer: memcheck spab+affinity" 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       gpu_pytest_under "$SANITIZER" --tool memcheck --error-exitcode 99 --print-limit 20 -- \
       test_spab.py test_affinity.py -k "cuda_forward_matches_reference and shape0 or triton-cuda and single_pixel"
   else
