@@ -15,8 +15,11 @@ Precision of the float32 products (``precision``, the ``input_precision`` of ``t
 signs flip wherever |S − T| is below that (no tie refinement) and the loss is biased by those
 entries. These are derived, not measured: the interpreter computes every mode in exact fp32.
 """
+from typing import NamedTuple
+
 import torch
 
+from . import _launches, gpu_arch
 from ._dispatch import triton_interpreting
 
 try:
@@ -30,8 +33,42 @@ except ImportError:  # dispatch never chooses "triton" without it (_dispatch.tri
 INTERPRETER_BLOCK = 64
 
 
+#: GPU autotuning candidates (BLOCK_I, BLOCK_J, num_warps, num_stages) per product: tensor-core
+#: tiles for tf32; tf32x3 (3 products on split operands) and exact fp32 / fp64 FMAs on CUDA cores
+#: (dot operands are register arrays over the whole channel depth) need smaller tiles: larger
+#: ones spill kilobytes (measured with triton_budget). ``gpu_blocks`` drops those whose shared
+#: memory may exceed the GPU's budget, leaving SMALL_BLOCK if none fits.
+SMALL_BLOCK = (32, 32, 4, 2)
+GPU_BLOCKS = {
+    "tf32": ((128, 64, 8, 2), (64, 32, 4, 2)),
+    "tf32x3": ((64, 32, 4, 2),),
+    "ieee": (SMALL_BLOCK,),
+    "fp64": (SMALL_BLOCK,),
+}
+
+
 def _padded_channels(c: int) -> int:
     return max(16, triton.next_power_of_2(c))
+
+
+def shared_bound(block: tuple, meta: dict, itemsize: int) -> float:
+    """Bytes of shared memory a block (BLOCK_I, BLOCK_J, warps, stages) needs at most for a launch
+    (``meta``: its constexprs): operand, pipeline and layout-conversion buffers take at most 1.5x
+    itemsize x (CS_PAD + CT_PAD) x (BLOCK_I + BLOCK_J), 2.5x with tf32x3's split operands
+    (measured with triton_budget, Triton 3.9: up to 1.33x / 1.5x / 2.33x for fp64 / fp32 and tf32 /
+    tf32x3). tests/test_triton_budget.py checks every block this lets through."""
+    block_i, block_j, _, _ = block
+    factor = 2.5 if meta["PRECISION"] == "tf32x3" and itemsize == 4 else 1.5
+    return factor * itemsize * (meta["CS_PAD"] + meta["CT_PAD"]) * (block_i + block_j)
+
+
+def gpu_blocks(arch: gpu_arch.Arch, meta: dict, itemsize: int) -> list[tuple]:
+    """The autotuning candidates of a launch on ``arch``: those of its kind of product whose
+    ``shared_bound`` fits the architecture, else SMALL_BLOCK (tests/test_triton_budget.py
+    checks it fits)."""
+    kind = "fp64" if itemsize == 8 else meta["PRECISION"]
+    fitting = [b for b in GPU_BLOCKS[kind] if shared_bound(b, meta, itemsize) <= arch.smem_per_block]
+    return fitting or [SMALL_BLOCK]
 
 
 if triton is not None:
@@ -50,7 +87,9 @@ if triton is not None:
             acc += a[:, None] * b[None, :]
         return acc
 
-    @triton.jit
+    # N, CS, CT not specialised: one compiled kernel per configuration whatever the image size
+    # (the tiles are compute-bound: x̂ loads without N's divisibility cost little).
+    @triton.jit(do_not_specialize=["N", "CS", "CT", "TIE_BOUND"])
     def _affinity_l1_kernel(
         XS, XT, GS, GT, FS, FT, RS, RT, ROW_LOSS, N, CS, CT, TIE_BOUND,
         CS_PAD: tl.constexpr, CT_PAD: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -107,22 +146,28 @@ if triton is not None:
         if GRAD_T:
             tl.store(GT + image * CT * N + ct[None, :] * N + rows[:, None], gt, mask=(ct[None, :] < CT) & row_ok[:, None])
 
-    # Configs for the GPU; the interpreter cannot run @triton.autotune, so it calls the kernel directly.
+    # Configs for the GPU, pruned per architecture (``_prune``); the interpreter cannot run
+    # @triton.autotune, so it calls the kernel directly.
     _CONFIGS = [
-        triton.Config({"BLOCK_I": bi, "BLOCK_J": bj}, num_warps=warps, num_stages=2)
-        for bi, bj, warps in [(64, 32, 4), (64, 64, 4), (64, 64, 8), (128, 32, 8), (128, 64, 8)]
+        triton.Config({"BLOCK_I": bi, "BLOCK_J": bj}, num_warps=warps, num_stages=stages)
+        for bi, bj, warps, stages in sorted({b for blocks in GPU_BLOCKS.values() for b in blocks})
     ]
-    _autotuned_kernel = triton.autotune(_CONFIGS, key=["N", "CS_PAD", "CT_PAD", "GRAD_S", "GRAD_T", "PRECISION", "EXACT_SIGNS"])(
-        _affinity_l1_kernel
-    )
+
+    def _prune(configs, named_args, **meta):
+        """The configs that are candidates for this launch and fit the device's budget."""
+        arch, _ = gpu_arch.device_arch(named_args["XS"].device)
+        wanted = gpu_blocks(arch, meta, named_args["XS"].element_size())
+        return [c for c in configs
+                if (c.kwargs["BLOCK_I"], c.kwargs["BLOCK_J"], c.num_warps, c.num_stages) in wanted]
+
+    _autotuned_kernel = triton.autotune(
+        _CONFIGS, key=["N", "CS_PAD", "CT_PAD", "GRAD_S", "GRAD_T", "PRECISION", "EXACT_SIGNS"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(_affinity_l1_kernel)
 
 
-def affinity_l1_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_bound: float, eps: float):
-    """Σ|S − T| (float64 scalar) and G = Σ_j sign(D_ij) x̂_j for student / teacher (or None).
-
-    xs, xt: prepared inputs (``affinity._Normalised``: x̂ (B, C, N) contiguous, raw F, norms).
-    With tie_bound > 0, entries with |D| < tie_bound are recomputed in float64 (exact signs).
-    """
+def _kernel_call(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_bound: float, eps: float):
+    """(arguments, constexprs, (row_loss, G_s, G_t)) of the kernel launch for ``affinity_l1_triton``."""
     batch, cs, n = xs.xhat.shape
     ct = xt.xhat.shape[1]
     if xs.xhat.dtype == torch.float64:
@@ -135,9 +180,72 @@ def affinity_l1_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_b
     args = (xs.xhat, xt.xhat, gs, gt, xs.raw, xt.raw, rs, rt, row_loss, n, cs, ct, tie_bound)
     meta = dict(CS_PAD=_padded_channels(cs), CT_PAD=_padded_channels(ct), GRAD_S=grad_s, GRAD_T=grad_t,
                 PRECISION=precision, EXACT_SIGNS=tie_bound > 0)
+    return args, meta, (row_loss, gs if grad_s else None, gt if grad_t else None)
+
+
+def affinity_l1_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_bound: float, eps: float):
+    """Σ|S − T| (float64 scalar) and G = Σ_j sign(D_ij) x̂_j for student / teacher (or None).
+
+    xs, xt: prepared inputs (``affinity._Normalised``: x̂ (B, C, N) contiguous, raw F, norms).
+    With tie_bound > 0, entries with |D| < tie_bound are recomputed in float64 (exact signs).
+    """
+    if grad_t and not grad_s:  # one compiled variant fewer: swap the roles. Σ|S − T| is symmetric,
+        # and sign(T − S) = −sign(S − T) makes the swapped pair's student G minus the teacher's.
+        total, g, _ = affinity_l1_triton(xt, xs, True, False, precision, tie_bound, eps)
+        return total, None, g.neg_()
+    args, meta, (row_loss, gs, gt) = _kernel_call(xs, xt, grad_s, grad_t, precision, tie_bound, eps)
+    batch, n = row_loss.shape
     if triton_interpreting():
         grid = (triton.cdiv(n, INTERPRETER_BLOCK), batch)
         _affinity_l1_kernel[grid](*args, BLOCK_I=INTERPRETER_BLOCK, BLOCK_J=INTERPRETER_BLOCK // 2, **meta)
     else:
         _autotuned_kernel[lambda cfg: (triton.cdiv(n, cfg["BLOCK_I"]), batch)](*args, **meta)
-    return row_loss.sum(), gs if grad_s else None, gt if grad_t else None
+    _launches.record("affinity_l1")
+    return row_loss.sum(), gs, gt
+
+
+# ---- ahead-of-time compilation (triton_budget) ----
+
+class AotCase(NamedTuple):
+    dtype: torch.dtype
+    mode: str
+    config: str
+    build: tuple  # aot_launch's arguments after (cs, ct)
+
+
+def _aot_inputs(cs: int, ct: int, dtype: torch.dtype, grad_s: bool, grad_t: bool, precision: str):
+    """The launch ``affinity._pass_triton`` makes for CUDA features (1, cs|ct, 32, 32) of ``dtype``,
+    built on CPU tensors: (arguments, constexprs)."""
+    from . import affinity
+
+    eps = 1e-8
+    xs, xt = (affinity._normalise(torch.ones(1, c, 32, 32, dtype=dtype), eps, dtype) for c in (cs, ct))
+    tie_bound = affinity._tie_bound((xs, xt), precision) if grad_s or grad_t else 0.0  # as _pass_triton
+    args, meta, _ = _kernel_call(xs, xt, grad_s, grad_t, precision, tie_bound, eps)
+    return args, meta
+
+
+def aot_cases(cs: int, ct: int, arch: gpu_arch.Arch) -> list[AotCase]:
+    """Every launch of the kernel for cs / ct channels on ``arch``: dtypes, gradients (teacher-only
+    runs as student-only), precisions, and each autotuning config left after pruning."""
+    cases = []
+    for dtype in (torch.float32, torch.float64):
+        for grad_s, grad_t in ((False, False), (True, False), (True, True)):
+            for precision in (("ieee", "tf32x3", "tf32") if dtype == torch.float32 else ("ieee",)):
+                _, meta = _aot_inputs(cs, ct, dtype, grad_s, grad_t, precision)
+                grads = "+".join(name for name, on in (("s", grad_s), ("t", grad_t)) if on) or "none"
+                mode = f"grad {grads}, {meta['PRECISION']}{', exact signs' if meta['EXACT_SIGNS'] else ''}"
+                for block in gpu_blocks(arch, meta, dtype.itemsize):
+                    bi, bj, warps, stages = block
+                    cases.append(AotCase(dtype, mode, f"{bi}x{bj}, {warps} warps, {stages} stages",
+                                         (dtype, grad_s, grad_t, precision, block)))
+    return cases
+
+
+def aot_launch(cs: int, ct: int, dtype: torch.dtype, grad_s: bool, grad_t: bool, precision: str, block: tuple):
+    """(kernel, grid, arguments, keyword arguments) of one autotuning config of that launch."""
+    args, meta = _aot_inputs(cs, ct, dtype, grad_s, grad_t, precision)
+    bi, bj, warps, stages = block
+    batch, n = args[8].shape  # row_loss
+    grid = (triton.cdiv(n, bi), batch)
+    return _affinity_l1_kernel, grid, args, dict(meta, BLOCK_I=bi, BLOCK_J=bj, num_warps=warps, num_stages=stages)

@@ -45,6 +45,10 @@ def _backend(x: Tensor) -> str:
         fallback(f"spab:triton:{x.dtype}",
                  f"the Triton kernel supports {spab_triton.DTYPES}; using the PyTorch reference")
         return "reference"
+    if backend == "triton" and x.is_cuda and spab_triton.padded_channels(x.shape[1]) > spab_triton.MAX_CHANNELS:
+        fallback(f"spab:triton:C={x.shape[1]}", f"the GPU launch table covers up to {spab_triton.MAX_CHANNELS} "
+                 "channels; using the PyTorch reference")
+        return "reference"
     return backend
 
 

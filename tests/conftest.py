@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -39,3 +40,20 @@ def cpu_isa(request, monkeypatch) -> str:
         pytest.skip(f"this CPU does not run {isa}")
     monkeypatch.setenv(_native.ISA_VARIABLE, isa)
     return isa
+
+
+@pytest.fixture
+def expect_launches():
+    """``with expect_launches("spab.forward", ...):`` fails unless the block launched each named
+    Triton kernel (names of ``dsclora_kernels._launches``): the fused path ran, no fallback.
+    ``when=False`` checks nothing (a test parametrised over backends)."""
+    from dsclora_kernels import _launches  # after TRITON_INTERPRET is set above
+
+    @contextlib.contextmanager
+    def expect(*kernels, when=True):
+        with _launches.counting() as launched:
+            yield launched
+        missing = [k for k in kernels if when and not launched[k]]
+        assert not missing, f"Triton kernels {missing} were not launched (launched: {dict(launched)})"
+
+    return expect

@@ -4,6 +4,7 @@ Both kernels run here: the C++ one on CPU tensors (id "cpp") and the Triton one,
 where there is a GPU ("triton-cuda"), else interpreted on CPU tensors ("triton-interpreted";
 conftest sets TRITON_INTERPRET=1 without CUDA, so N stays ≤ 1024 pixels there).
 """
+import contextlib
 import importlib.util
 from typing import NamedTuple
 
@@ -12,10 +13,14 @@ import pytest
 import torch
 
 import dsclora
-from dsclora_kernels import _extension, spatial_affinity_loss, spatial_affinity_loss_reference, use_backend
+from dsclora_kernels import _extension, _launches, spatial_affinity_loss, spatial_affinity_loss_reference, use_backend
 from dsclora_kernels import affinity
 
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4  # relative loss error, relative L2 error of each gradient
+# The interpreted Triton kernel (exact fp32 products, float64 sums): about 4x the largest errors
+# measured over seeds 0-4 on the interpreted cases of this file (relative loss 5e-8, gradients 3.4e-7;
+# a student within 1 % of the teacher, whose loss is small: 6.8e-6)
+INTERPRETED_LOSS_TOL, INTERPRETED_GRAD_TOL = 2e-7, 1.5e-6
 
 
 class Backend(NamedTuple):
@@ -25,6 +30,17 @@ class Backend(NamedTuple):
     @property
     def interpreted(self) -> bool:
         return self.name == "triton" and self.device == "cpu"
+
+    @contextlib.contextmanager
+    def run(self, kernel_expected: bool = True):
+        """use_backend(name); with Triton, fails unless the fused kernel was launched inside."""
+        with use_backend(self.name), _launches.counting() as launched:
+            yield
+        assert self.name != "triton" or not kernel_expected or launched["affinity_l1"], "Triton kernel not launched"
+
+    def tolerances(self) -> tuple[float, float]:
+        """(relative loss, relative gradient) tolerance of this backend."""
+        return (INTERPRETED_LOSS_TOL, INTERPRETED_GRAD_TOL) if self.interpreted else (LOSS_TOL, GRAD_TOL)
 
 
 TRITON = Backend("triton", "cuda" if torch.cuda.is_available() else "cpu")
@@ -52,15 +68,17 @@ def loss_and_grads(fn, f_student, f_teacher, **kwargs):
     return loss, torch.autograd.grad(loss, inputs) if inputs else ()
 
 
-def assert_matches_reference(backend: Backend, f_student, f_teacher, grad_tol=GRAD_TOL, **kwargs):
+def assert_matches_reference(backend: Backend, f_student, f_teacher, grad_tol=None, loss_tol=None, **kwargs):
     """The fused op on ``backend`` agrees with the float64 reference on the same values."""
     f_student, f_teacher = (f.detach().to(backend.device).requires_grad_(f.requires_grad) for f in (f_student, f_teacher))
-    with use_backend(backend.name):
+    with backend.run(kernel_expected=kwargs.get("p", 1) == 1):  # p = 2 has no kernel (Gram matrices)
         loss, grads = loss_and_grads(spatial_affinity_loss, f_student, f_teacher, **kwargs)
     as64 = [f.detach().double().requires_grad_(f.requires_grad) for f in (f_student, f_teacher)]
     expected, expected_grads = loss_and_grads(spatial_affinity_loss_reference, *as64, **kwargs)
+    default_loss_tol, default_grad_tol = backend.tolerances()
+    loss_tol, grad_tol = loss_tol or default_loss_tol, grad_tol or default_grad_tol
     assert loss.dtype == torch.result_type(f_student, f_teacher)
-    assert abs(loss.item() - expected.item()) <= LOSS_TOL * abs(expected.item()), (loss.item(), expected.item())
+    assert abs(loss.item() - expected.item()) <= loss_tol * abs(expected.item()), (loss.item(), expected.item())
     for grad, expected_grad, f in zip(grads, expected_grads, [f for f in (f_student, f_teacher) if f.requires_grad]):
         assert grad.shape == f.shape and grad.dtype == f.dtype
         assert relative(grad, expected_grad) <= grad_tol
@@ -101,9 +119,10 @@ def test_non_contiguous_and_half_inputs(backend):
     assert not student.is_contiguous() and not teacher.is_contiguous()
     assert_matches_reference(backend, student, teacher)
     # float16 / bfloat16 inputs are computed in float32; only the returned gradients are rounded
+    # (interpreted: measured 1.7e-3, the bfloat16 gradient's rounding)
     student = torch.randn(1, 26, 6, 7, dtype=torch.float16, device=backend.device, requires_grad=True)
     teacher = torch.randn(1, 28, 6, 7, dtype=torch.bfloat16, device=backend.device, requires_grad=True)
-    assert_matches_reference(backend, student, teacher, grad_tol=1e-2)
+    assert_matches_reference(backend, student, teacher, grad_tol=7e-3 if backend.interpreted else 1e-2)
 
 
 @pytest.mark.parametrize("needs_grad", [(True, False), (False, True)], ids=["student", "teacher"])
@@ -122,9 +141,9 @@ def test_forward_without_gradients(backend):
     """Under no_grad only the upper triangle of tiles is visited (D is symmetric)."""
     student, teacher = features(2, 26, 28, 11, 9, device=backend.device)
     expected = spatial_affinity_loss_reference(student.double(), teacher.double())
-    with torch.no_grad(), use_backend(backend.name):
+    with torch.no_grad(), backend.run():
         loss = spatial_affinity_loss(student, teacher)
-    assert abs(loss.item() - expected.item()) <= LOSS_TOL * expected.item()
+    assert abs(loss.item() - expected.item()) <= backend.tolerances()[0] * expected.item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -147,7 +166,7 @@ def test_backward_scales_by_grad_output(backend):
 def test_single_pixel(backend):
     """N = 1: the only entry is the diagonal, |A_S − A_T| ≈ 0 (both ≈ 1); gradients ≈ 0."""
     student, teacher = features(3, 26, 28, 1, 1, device=backend.device)
-    with use_backend(backend.name):
+    with backend.run():
         loss, grads = loss_and_grads(spatial_affinity_loss, student, teacher)
     assert abs(loss.item()) < 1e-6
     assert all(g.abs().max() < 1e-6 for g in grads)
@@ -157,7 +176,7 @@ def test_identical_features_are_exact_ties(backend):
     """Student = teacher: D = 0 exactly, so the loss and (sign(0) = 0) the gradients are 0."""
     student = torch.randn(2, 8, 7, 9, device=backend.device, requires_grad=True)
     teacher = student.detach().clone().requires_grad_()
-    with use_backend(backend.name):
+    with backend.run():
         loss, grads = loss_and_grads(spatial_affinity_loss, student, teacher)
     assert loss.item() == 0 and all(torch.count_nonzero(g) == 0 for g in grads)
 
@@ -170,7 +189,7 @@ def gradcheck(p: int, device: str = "cpu") -> None:
 
 
 def test_gradcheck_float64(backend):
-    with use_backend(backend.name):
+    with backend.run():
         gradcheck(p=1, device=backend.device)
 
 
@@ -337,4 +356,5 @@ def test_real_features_student_close_to_teacher(backend, span_features):
     if backend.interpreted:
         teacher = teacher[..., :16, :16]
     student = teacher + 1e-2 * teacher.std() * torch.randn_like(teacher)
-    assert_matches_reference(backend, student.requires_grad_(), teacher.clone().requires_grad_())
+    assert_matches_reference(backend, student.requires_grad_(), teacher.clone().requires_grad_(),
+                             loss_tol=3e-5 if backend.interpreted else None)

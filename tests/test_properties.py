@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsclora_kernels import (
-    _extension, spab, spab_reference, spatial_affinity_loss, spatial_affinity_loss_reference, use_backend,
+    _extension, _launches, spab, spab_reference, spatial_affinity_loss, spatial_affinity_loss_reference, use_backend,
 )
 
 LAYOUTS = ("contiguous", "channels_last", "strided", "transposed")
@@ -37,6 +37,11 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":  # stored (B, C, W, H)
         return t.transpose(2, 3).contiguous().transpose(2, 3)
     return t.contiguous()
+
+
+def assert_launched(backend: str, launched, *kernels: str) -> None:
+    """With Triton, each fused kernel ran (no silent fallback to the reference)."""
+    assert backend != "triton" or all(launched[k] for k in kernels), dict(launched)
 
 
 def device_of(backend: str) -> str:
@@ -79,10 +84,12 @@ def check_spab(backend: str, problem: dict, forward_tol: float, grad_tol: float)
         return (out, h1), torch.autograd.grad(loss, inputs)
 
     expected, expected_grads = run(spab_reference, x64, weights64)
-    with use_backend(backend), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # exact fp32 convs
+    with use_backend(backend), torch.backends.cudnn.flags(enabled=True, allow_tf32=False), \
+            _launches.counting() as launched:  # exact fp32 convolutions
         device = device_of(backend)
         got, grads = run(spab, laid_out(x64.float().to(device), problem["layout"]),
                          [t.float().to(device) for t in weights64])
+    assert_launched(backend, launched, "spab.forward", "spab.recompute")
     for ours, reference in zip(got, expected):
         assert ours.shape == reference.shape and ours.dtype == torch.float32
         error = (ours.cpu().double() - reference).abs().max().item()
@@ -102,7 +109,8 @@ def test_spab_cpp_matches_reference(problem):
 @TRITON
 @given(spab_problems(max_side=4, max_channels=4))
 def test_spab_triton_interpreted_matches_reference(problem):
-    check_spab("triton", problem, forward_tol=1e-4, grad_tol=1e-4)
+    # about 4x the largest errors measured on the first 12 examples: 5.4e-7 forward, 4.5e-6 gradients
+    check_spab("triton", problem, forward_tol=2e-6, grad_tol=2e-5)
 
 
 # ---- the spatial-affinity loss -------------------------------------------------------------------
@@ -117,8 +125,9 @@ def affinity_problems(draw, max_side=8, max_channels=8, dtypes=(torch.float32, t
                 scale=draw(st.sampled_from([1e-3, 1.0, 100.0])), seed=draw(st.integers(0, 2**31 - 1)))
 
 
-def check_affinity(backend: str, problem: dict) -> None:
-    """Loss and both gradients vs the float64 reference on the same (rounded) inputs.
+def check_affinity(backend: str, problem: dict, tol_scale: float = 1.0) -> None:
+    """Loss and both gradients vs the float64 reference on the same (rounded) inputs, within
+    ``tol_scale`` times the tolerances below.
 
     Tolerances: the relative ones of test_affinity.py, plus what rounding the inputs' dtype allows
     where the exact values cancel (pixels with ‖F‖ near eps, where A_ii ≈ 1 − 2·eps/‖F‖, or C = 1):
@@ -136,15 +145,17 @@ def check_affinity(backend: str, problem: dict) -> None:
         return loss, torch.autograd.grad(loss, [student, teacher])
 
     expected, expected_grads = run(spatial_affinity_loss_reference, *(f.double() for f in inputs))
-    with use_backend(backend):
+    with use_backend(backend), _launches.counting() as launched:
         loss, grads = run(spatial_affinity_loss, *(laid_out(f.to(device_of(backend)), problem["layout"])
                                                    for f in inputs))
+    if problem["p"] == 1:  # p = 2 reduces to Gram matrices: no kernel
+        assert_launched(backend, launched, "affinity_l1")
     n = h * w
     unit = (cs + ct + 16) * torch.finfo(dtype).eps / 2
     entries = 1 if problem["reduction"] == "mean" else b * n * n
     rel_tol = 1e-5 if dtype == torch.float32 else 1e-10
     assert loss.dtype == dtype
-    assert abs(loss.item() - expected.item()) <= rel_tol * abs(expected.item()) + unit * entries, \
+    assert abs(loss.item() - expected.item()) <= tol_scale * (rel_tol * abs(expected.item()) + unit * entries), \
         (loss.item(), expected.item())
     for ours, reference, f in zip(grads, expected_grads, inputs):
         assert ours.dtype == dtype and ours.shape == reference.shape
@@ -152,7 +163,7 @@ def check_affinity(backend: str, problem: dict) -> None:
         pixel_scale = 2 * problem["p"] * n * entries / (b * n * n) / f.double().norm(dim=1, keepdim=True)
         floor = (unit * pixel_scale).expand_as(reference).norm().item()
         error = (ours.cpu().double() - reference).norm().item()
-        assert error <= 10 * rel_tol * reference.norm().item() + floor, (error, reference.norm().item(), floor)
+        assert error <= tol_scale * (10 * rel_tol * reference.norm().item() + floor), (error, reference.norm(), floor)
 
 
 @needs("affinity")
@@ -166,4 +177,5 @@ def test_affinity_cpp_matches_reference(problem):
 @settings(TRITON, max_examples=5)
 @given(affinity_problems(max_side=4, max_channels=4, dtypes=(torch.float32,), powers=(1,)))
 def test_affinity_triton_interpreted_matches_reference(problem):
-    check_affinity("triton", problem)
+    # measured on the first 20 examples: errors at most 9% (gradients) and 3% (loss) of the bounds
+    check_affinity("triton", problem, tol_scale=0.4)

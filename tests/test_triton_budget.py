@@ -1,0 +1,46 @@
+"""Every Triton launch the fused ops make on a GPU fits every supported GPU's budget, proven
+without a GPU: each launch is compiled ahead of time for sm_80, sm_86, sm_89 and sm_90 by
+``dsclora_kernels.triton_budget`` (shared memory from the compiled metadata, registers and spills
+from Triton's bundled ptxas). Compiling takes a few minutes of CPU on a cold Triton cache."""
+import os
+from collections import Counter
+
+from dsclora_kernels import gpu_arch, spab_triton, triton_budget
+
+
+def test_every_triton_launch_fits_every_gpu():
+    rows = triton_budget.measure(jobs=min(4, os.cpu_count() or 1))
+    print("\n" + triton_budget.table(rows))
+    # every kernel x dtype x mode on every architecture was compiled
+    covered = Counter((r.case.kernel, r.case.dtype, r.case.channels, r.case.mode, r.case.arch) for r in rows)
+    spab = {(k, d, ch, m, a) for k, d, ch, m, a in covered if k == "spab"}
+    assert len(spab) == len(spab_triton.DTYPES) * len(triton_budget.SPAB_CHANNELS) * 2 * len(gpu_arch.ARCHS)
+    affinity_modes = {(d, ch, m) for k, d, ch, m, a in covered if k == "affinity"}
+    for dtype, channels, mode in affinity_modes:  # some config of each mode is left on each architecture
+        assert all(("affinity", dtype, channels, mode, a.name) in covered for a in gpu_arch.ARCHS), (dtype, mode)
+    assert len(affinity_modes) == len(triton_budget.AFFINITY_CHANNELS) * (3 * 3 + 3)  # fp32: 3 precisions
+    problems = triton_budget.problems(rows)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_budget_check_catches_what_does_not_fit():
+    """problems() flags shared memory over the limit, 16-bit spills and too few resident programs."""
+    case = triton_budget.Case("spab", "float16", "26", "forward", "test", "sm_86", ())
+    fits = triton_budget.Row(case, shared=101_376, regs=255, spill_stores=0, spill_loads=0, blocks_per_sm=2,
+                             programs_per_sm=2, seconds=0.0)
+    assert triton_budget.problems([fits]) == []
+    for bad, match in [(dict(shared=101_377), "shared memory"), (dict(spill_stores=4), "spills"),
+                       (dict(blocks_per_sm=1), "1 programs fit")]:
+        (problem,) = triton_budget.problems([fits._replace(**bad)])
+        assert match in problem and "sm_86" in problem
+    fp32_spill = fits._replace(case=case._replace(dtype="float32"), spill_stores=4)
+    assert triton_budget.problems([fp32_spill]) == []  # fp32 may spill (tf32x3 splits its operands)
+
+
+def test_resident_blocks_per_sm():
+    sm80 = gpu_arch.arch(80)
+    assert sm80.blocks_per_sm(shared=10_240, regs=255, num_warps=4) == 2  # 2 x 4 warps x 32 x 256 registers
+    assert sm80.blocks_per_sm(shared=10_240, regs=128, num_warps=4) == 4
+    assert sm80.blocks_per_sm(shared=82_000, regs=32, num_warps=4) == 2  # 2 x (82,000 + 1 KiB) <= 164 KiB
+    assert gpu_arch.arch(86).blocks_per_sm(shared=82_000, regs=32, num_warps=4) == 1
+    assert gpu_arch.arch(75) == gpu_arch.arch(86)  # unlisted: the smallest budget
