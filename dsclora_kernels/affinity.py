@@ -163,15 +163,20 @@ def _pass_triton(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, p
     return affinity_l1_triton(xs, xt, grad_s, grad_t, precision, tie_bound, eps)
 
 
-def _pass_reference(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float):
-    """The same three results, materialising D (B, N, N) in float64: tiny inputs, other devices."""
+def _differences(xs: _Normalised, xt: _Normalised, eps: float) -> torch.Tensor:
+    """D = S − T (B, N, N) in float64 from the raw features: the values whose signs the kernels use."""
 
     def affinity(x: _Normalised):
         r = x.inverse_norm(eps).unsqueeze(1)
         raw = x.raw.double()
         return (raw.transpose(1, 2) @ raw) * (r.transpose(1, 2) * r)
 
-    d = affinity(xs) - affinity(xt)
+    return affinity(xs) - affinity(xt)
+
+
+def _pass_reference(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float):
+    """The same three results, materialising D (B, N, N) in float64: tiny inputs, other devices."""
+    d = _differences(xs, xt, eps)
     sign = d.sign().to(xs.xhat.dtype)  # symmetric: G = x̂ sign(D)
     g = [x.xhat @ sign if wanted else None for x, wanted in ((xs, grad_s), (xt, grad_t))]
     return d.abs().sum(), *g
