@@ -9,9 +9,11 @@
    G = Σ_j sign(D_ij) x̂_j, so that ∂L/∂x̂_s = 2·scale·G_s and ∂L/∂x̂_t = −2·scale·G_t;
 3. the normalisation backward gives ∂L/∂F.
 Signs are exact: with gradients, entries within the float32 rounding bound of a tie (|D| < tie
-bound) are recomputed in float64 from the raw features. Cost, C++ at 64 x 64 (measured): none
-for unrelated features, 1.4x for a student within 1 % of the teacher, ~50x when student and
-teacher are identical (every entry is a tie).
+bound) are recomputed in float64 from the raw features (C++: the tied rows of a micro-tile at a
+time, by the same vector code in double). Cost of fwd + bwd against unrelated features, C++ at
+64 x 64, one thread (measured, ``bench/bench_affinity.py --ties``): 1.3x for a student within
+1 % of the teacher, 2.3-2.5x when every entry is a tie (student = teacher, or flat images where
+S ≈ T ≈ 1); entry-by-entry scalar refinement cost 1.5x and 35-39x.
 The forward computes the gradients in the same pass (Liger-Kernel's fused cross-entropy pattern);
 the backward only scales them by grad_output. p = 2 reduces to C x C Gram matrices
 (``affinity_squared``).
