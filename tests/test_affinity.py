@@ -263,7 +263,7 @@ def test_nearly_all_entries_tie(cpu_isa, case):
     """Nearly every entry of D = S − T within the float32 tie bound, so nearly every sign comes from
     the float64 recomputation: a student within 1e-6 of the teacher, and flat images (each pixel
     one vector times an intensity: S ≈ T ≈ 1, D ≈ eps-sized). Every SIMD path's G = x̂ sign(D)
-    must carry the float64 signs. Odd N (several row blocks' worth of micro-tiles, ragged)."""
+    must carry the float64 signs. N = 72 and 99: two row blocks, the second ragged (tiles past N)."""
     module = _extension.load("affinity")
     if module is None:
         pytest.skip(_extension.status("affinity"))
