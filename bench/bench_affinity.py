@@ -2,6 +2,7 @@
 
     python bench/bench_affinity.py                 # CUDA if available, else CPU
     python bench/bench_affinity.py --device cpu --sizes 32 64
+    python bench/bench_affinity.py --ties --baseline-python ../main/.venv/bin/python   # CPU, near-tie inputs
 
 Student (B, 26, H, W) with gradient, teacher (B, 28, H, W) without (the training setting);
 B = 8 on the GPU, 2 on the CPU. The naive baseline is ``spatial_affinity_loss_reference``
@@ -16,6 +17,11 @@ Times are the best of a few repetitions, baseline and fused measured in the same
 achieved TFLOP/s counts 2·B·N²·(Cs + Ct + Cs) (D = S − T and the student gradient) against the
 peak of the ``tl.dot`` precision (H100/H200 SXM datasheet: fp32 FMA 67, TF32 495 TFLOP/s dense;
 3xTF32 ≈ 495 / 3).
+
+``--ties`` times the C++ op's fwd + bwd (CPU, sizes 32 64 128 by default) on inputs with many or
+only ties |D| < tie bound, whose signs the float64 recomputation decides (CASES), next to unrelated
+features; with ``--baseline-python`` (an interpreter with another build of dsclora, e.g. main's)
+each case is also measured there, interleaved with ours, and the ratio printed.
 """
 import argparse
 import json
@@ -34,11 +40,32 @@ CPU_NAIVE_LIMIT = 4 << 30  # skip the CPU baseline above this much N² memory
 PEAK_TFLOPS = {"ieee": 67.0, "tf32x3": 495.0 / 3, "tf32": 495.0}
 
 
-def inputs(batch: int, side: int, device: str, seed: int = 0):
+CASES = {  # --ties: how the student relates to the teacher
+    "unrelated": "independent random features (the training setting above)",
+    "close": f"student within 1 % of the teacher (both {CS} channels): many near-ties",
+    "identical": f"student = teacher ({CS} channels): every entry is an exact tie",
+    "flat": "flat images: each pixel one random vector times a random intensity, S ≈ T ≈ 1: all entries tie",
+}
+
+
+def inputs(batch: int, side: int, device: str, seed: int = 0, case: str = "unrelated"):
+    """Student (B, CS, side, side) that needs a gradient and teacher (B, CT or CS, side, side); see CASES."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    student = torch.randn(batch, CS, side, side, generator=generator).to(device).requires_grad_()
-    teacher = torch.randn(batch, CT, side, side, generator=generator).to(device)
-    return student, teacher
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    def flat(channels):
+        return randn(batch, channels, 1, 1) * (randn(batch, 1, side, side).abs() + 0.5)
+
+    if case == "flat":
+        student, teacher = flat(CS), flat(CT)
+    elif case == "unrelated":
+        student, teacher = randn(batch, CS, side, side), randn(batch, CT, side, side)
+    else:
+        teacher = randn(batch, CS, side, side)
+        student = teacher.clone() if case == "identical" else teacher + 0.01 * randn(batch, CS, side, side)
+    return student.to(device).requires_grad_(), teacher.to(device)
 
 
 def step(method: str, student, teacher, precision: str = "ieee") -> None:
@@ -62,9 +89,9 @@ def megabytes(n: float) -> str:
 # --- CPU: one measurement per fresh subprocess -----------------------------------------------
 
 
-def cpu_worker(method: str, batch: int, side: int, reps: int) -> dict:
+def cpu_worker(method: str, batch: int, side: int, reps: int, case: str = "unrelated") -> dict:
     step(method, *inputs(1, 4, "cpu"))  # load the extension, warm torch up
-    student, teacher = inputs(batch, side, "cpu")
+    student, teacher = inputs(batch, side, "cpu", case=case)
     def timed() -> float:
         start = time.perf_counter()
         step(method, student, teacher)
@@ -77,9 +104,10 @@ def cpu_worker(method: str, batch: int, side: int, reps: int) -> dict:
     return {"ms": 1e3 * min(times), "extra_bytes": 1024 * peak_kib}
 
 
-def cpu_measure(method: str, batch: int, side: int, reps: int) -> dict:
-    command = [sys.executable, __file__, "--worker", method, "--batch", str(batch), "--sizes", str(side),
-               "--reps", str(reps), "--threads", str(torch.get_num_threads())]
+def cpu_measure(method: str, batch: int, side: int, reps: int, case: str = "unrelated",
+                python: str = sys.executable) -> dict:
+    command = [python, __file__, "--worker", method, "--batch", str(batch), "--sizes", str(side),
+               "--reps", str(reps), "--threads", str(torch.get_num_threads()), "--case", case]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -98,6 +126,37 @@ def cpu_table(batch: int, sizes: list[int]) -> None:
         ratio = f"{naive['ms'] / ours['ms']:>7.1f}x" if naive else f"{'-':>8}"
         print(f"{side:>5} {side * side:>7} {megabytes(input_bytes):>10} | {naive_cols} | "
               f"{ours['ms']:>9.1f} {megabytes(ours['extra_bytes']):>9} | {ratio}", flush=True)
+
+
+def ties_table(batch: int, sizes: list[int], baseline_python: str | None) -> None:
+    """fwd + bwd of the C++ op per case of CASES: ms, and the cost relative to unrelated features.
+    Up to 64 px, the best of 3 rounds of 3 calls, the rounds alternating between the baseline
+    interpreter's build and ours (a load spike on a shared machine then spares one round)."""
+    print(f"CPU ties, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; B={batch}, "
+          f"Cs={CS}, Ct={CT} (unrelated, flat) or {CS}; fwd + bwd, best of 3 x 3 calls (1 from 128 px), "
+          "fresh subprocesses")
+    for case, text in CASES.items():
+        print(f"  {case:>9}: {text}")
+    if baseline_python:
+        print(f"baseline: {baseline_python}")
+    print(f"{'H=W':>5} {'case':>9} | {'base ms':>9} {'vs unrel.':>9} | {'ours ms':>9} {'vs unrel.':>9} | "
+          f"{'speed-up':>8}")
+    for side in sizes:
+        rounds = reps = 3 if side <= 64 else 1
+        unrelated = {}
+        for case in CASES:
+            base = ours = float("inf")
+            for _ in range(rounds):
+                if baseline_python:
+                    base = min(base, cpu_measure("ours", batch, side, reps, case, baseline_python)["ms"])
+                ours = min(ours, cpu_measure("ours", batch, side, reps, case)["ms"])
+            base = base if baseline_python else None
+            unrelated.setdefault("base", base)
+            unrelated.setdefault("ours", ours)
+            base_cols = f"{base:>9.1f} {base / unrelated['base']:>8.1f}x" if base else f"{'-':>9} {'-':>9}"
+            ratio = f"{base / ours:>7.1f}x" if base else f"{'-':>8}"
+            print(f"{side:>5} {case:>9} | {base_cols} | {ours:>9.1f} {ours / unrelated['ours']:>8.1f}x | {ratio}",
+                  flush=True)
 
 
 # --- GPU: CUDA events, allocator statistics ---------------------------------------------------
@@ -146,21 +205,27 @@ def gpu_table(batch: int, sizes: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--sizes", type=int, nargs="+", help="H = W (default 32 64 128 256; --ties: 32 64 128)")
     parser.add_argument("--batch", type=int, default=None, help="default 8 on the GPU, 2 on the CPU")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--ties", action="store_true", help="CPU: near-tie inputs (CASES), not the naive baseline")
+    parser.add_argument("--baseline-python", help="--ties: also measure the dsclora installed for this interpreter")
     parser.add_argument("--worker", choices=("naive", "ours"), help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=tuple(CASES), default="unrelated", help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    batch = args.batch or (8 if args.device == "cuda" else 2)
+    batch = args.batch or (8 if args.device == "cuda" and not args.ties else 2)
+    sizes = args.sizes or ([32, 64, 128] if args.ties else [32, 64, 128, 256])
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(cpu_worker(args.worker, batch, args.sizes[0], args.reps)))
+        print(json.dumps(cpu_worker(args.worker, batch, sizes[0], args.reps, args.case)))
+    elif args.ties:
+        ties_table(batch, sizes, args.baseline_python)
     elif args.device == "cuda":
-        gpu_table(batch, args.sizes)
+        gpu_table(batch, sizes)
     else:
-        cpu_table(batch, args.sizes)
+        cpu_table(batch, sizes)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@
 //   D_IJ = x̂_s[:, I]ᵀ x̂_s[:, J] − x̂_t[:, I]ᵀ x̂_t[:, J]   (micro-tiles in registers)
 //   loss += Σ|D_IJ|;   sign(D_IJ) -> a small tile (L1);   G[:, I] += x̂[:, J] sign(D_IJ)ᵀ
 // so that ∂Σ|D|/∂x̂_s = 2 G_s and ∂Σ|D|/∂x̂_t = −2 G_t (D is symmetric). Zero (padding) pixels
-// contribute nothing. Without gradients only the upper triangle of tiles is visited.
+// contribute nothing. Without gradients only the upper triangle of tiles is visited. With exact
+// signs, a micro-tile with entries |D| < tie_bound has those rows recomputed in float64 from the
+// raw features by the same tile code (affinity_tiles.h: refine_ties).
 //
 // SIMD: the tile code (affinity_tiles.h) is compiled for every instruction set of cpu_features.h
 // (generic: SSE2 or NEON) and chosen at run time; no -march flags are needed. Tensors arrive as
@@ -82,16 +84,22 @@ Image<T> image(const Problem& p, int64_t b) {
                   p.cs, p.ct, p.ld, p.n, row_blocks(p.n) * kRowBlock, static_cast<T>(p.tie_bound)};
 }
 
-// D_ij in float64 from the raw features and inverse norms. S and T go through identical
-// operations (scaled operands, FMA chain, one subtraction), so identical features give exactly 0.
+// One side's (student's or teacher's) channel-major operand of a micro-tile with rows from i0 and
+// columns from j0: rows[k * row_ld + r] is channel k of row i0 + r (loaded as vectors), and
+// columns[k * column_ld + m] channel k of column j0 + m (broadcast).
 template <typename T>
-double exact_difference(const Image<T>& im, int64_t i, int64_t j) {
-  auto affinity = [&](const T* f, const double* r, int64_t channels) {
-    double sum = 0;
-    for (int64_t c = 0; c < channels; ++c) sum += (f[c * im.n + i] * r[i]) * (f[c * im.n + j] * r[j]);
-    return sum;
-  };
-  return affinity(im.fs, im.rs, im.cs) - affinity(im.ft, im.rt, im.ct);
+struct Operand {
+  const T* rows;
+  int64_t row_ld;
+  const T* columns;
+  int64_t column_ld;
+  int64_t channels;
+};
+
+// The operand of x (C, ld) for the micro-tile at rows i0, columns j0.
+template <typename T>
+Operand<T> tile_operand(const T* x, int64_t channels, int64_t ld, int64_t i0, int64_t j0) {
+  return Operand<T>{x + i0, ld, x + j0, ld, channels};
 }
 
 namespace generic {

@@ -44,6 +44,16 @@ template <typename V> DSCLORA_INLINE V load_vector(const LaneOf<V>* p) {
 
 template <typename V> DSCLORA_INLINE void store_vector(LaneOf<V>* p, V v) { std::memcpy(p, &v, sizeof v); }
 
+// p[i] = Target(v[i]) for every lane: float <-> double (no vector wider than V is formed).
+template <typename Target, typename V> DSCLORA_INLINE void store_converted(Target* p, V v) {
+#ifdef DSCLORA_GNU
+  const auto converted = __builtin_convertvector(v, Vector<Target, kLanesOf<V> * int(sizeof(Target))>);
+  std::memcpy(p, &converted, sizeof converted);
+#else
+  for (int i = 0; i < kLanesOf<V>; ++i) p[i] = Target(v[i]);
+#endif
+}
+
 // Every lane x. (With vector extensions x * 1 folds away, leaving a single broadcast instruction.)
 template <typename V> DSCLORA_INLINE V splat(LaneOf<V> x) {
 #ifdef DSCLORA_GNU
@@ -80,6 +90,16 @@ template <typename V> DSCLORA_INLINE V absolute(V d) {
 #else
   for (int i = 0; i < kLanesOf<V>; ++i) d[i] = d[i] > 0 ? d[i] : -d[i];
   return d;
+#endif
+}
+
+// Lane-wise key[i] < limit[i] ? a[i] : b[i].
+template <typename V> DSCLORA_INLINE V select_less(V key, V limit, V a, V b) {
+#ifdef DSCLORA_GNU
+  return key < limit ? a : b;
+#else
+  for (int i = 0; i < kLanesOf<V>; ++i) b[i] = key[i] < limit[i] ? a[i] : b[i];
+  return b;
 #endif
 }
 

@@ -9,9 +9,11 @@
    G = Σ_j sign(D_ij) x̂_j, so that ∂L/∂x̂_s = 2·scale·G_s and ∂L/∂x̂_t = −2·scale·G_t;
 3. the normalisation backward gives ∂L/∂F.
 Signs are exact: with gradients, entries within the float32 rounding bound of a tie (|D| < tie
-bound) are recomputed in float64 from the raw features. Cost, C++ at 64 x 64 (measured): none
-for unrelated features, 1.4x for a student within 1 % of the teacher, ~50x when student and
-teacher are identical (every entry is a tie).
+bound) are recomputed in float64 from the raw features (C++: the tied rows of a micro-tile at a
+time, by the same vector code in double). Cost of fwd + bwd against unrelated features, C++ at
+64 x 64, one thread (measured, ``bench/bench_affinity.py --ties``): 1.3x for a student within
+1 % of the teacher, 2.3-2.5x when every entry is a tie (student = teacher, or flat images where
+S ≈ T ≈ 1); entry-by-entry scalar refinement cost 1.5x and 35-39x.
 The forward computes the gradients in the same pass (Liger-Kernel's fused cross-entropy pattern);
 the backward only scales them by grad_output. p = 2 reduces to C x C Gram matrices
 (``affinity_squared``).
@@ -163,15 +165,20 @@ def _pass_triton(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, p
     return affinity_l1_triton(xs, xt, grad_s, grad_t, precision, tie_bound, eps)
 
 
-def _pass_reference(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float):
-    """The same three results, materialising D (B, N, N) in float64: tiny inputs, other devices."""
+def _differences(xs: _Normalised, xt: _Normalised, eps: float) -> torch.Tensor:
+    """D = S − T (B, N, N) in float64 from the raw features: the values whose signs the kernels use."""
 
     def affinity(x: _Normalised):
         r = x.inverse_norm(eps).unsqueeze(1)
         raw = x.raw.double()
         return (raw.transpose(1, 2) @ raw) * (r.transpose(1, 2) * r)
 
-    d = affinity(xs) - affinity(xt)
+    return affinity(xs) - affinity(xt)
+
+
+def _pass_reference(xs: _Normalised, xt: _Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float):
+    """The same three results, materialising D (B, N, N) in float64: tiny inputs, other devices."""
+    d = _differences(xs, xt, eps)
     sign = d.sign().to(xs.xhat.dtype)  # symmetric: G = x̂ sign(D)
     g = [x.xhat @ sign if wanted else None for x, wanted in ((xs, grad_s), (xt, grad_t))]
     return d.abs().sum(), *g
