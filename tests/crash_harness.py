@@ -140,9 +140,9 @@ def _child(config: Path, run_dir: Path, resume: bool, out_fd: int, pause_on: str
         emit(f"saved {state['iteration']}")
         return json_path
 
-    def reporting_step(self, lr, hr):
+    def reporting_step(self, lr, hr, **kwargs):
         emit(f"step {self.iteration}")
-        return step(self, lr, hr)
+        return step(self, lr, hr, **kwargs)
 
     checkpoint.atomic_write, checkpoint.save, Trainer.step = reporting_atomic_write, reporting_save, reporting_step
     stderr = io.StringIO()
