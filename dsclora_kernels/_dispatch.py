@@ -5,6 +5,7 @@ By default CUDA tensors use Triton and CPU tensors the C++ extension (``csrc/<op
 (how CI tests the GPU kernels). Every fallback to a slower path is logged once.
 """
 import contextlib
+import functools
 import importlib.util
 import os
 
@@ -26,9 +27,34 @@ def triton_status() -> str:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if triton_interpreting():
-        return "available"
+        return _interpreter_status()
     if not torch.cuda.is_available():
         return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
+    return "available"
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_status() -> str:
+    """'available', or why Triton's interpreter cannot run our kernels: it runs a kernel with a
+    runtime loop bound (what they all have), which e.g. Triton 3.6's interpreter cannot do
+    under NumPy >= 2.4."""
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count_up(out_ptr, n):
+        for i in range(0, n):
+            tl.store(out_ptr + i, i)
+
+    out = torch.zeros(2, dtype=torch.int32)
+    try:
+        count_up[(1,)](out, 2)
+    except Exception as error:  # noqa: BLE001 - any failure means the interpreter is unusable
+        return (f"the Triton {triton.__version__} interpreter fails with NumPy {numpy.__version__} "
+                f"({type(error).__name__}: {error}); Triton 3.6 fails so under NumPy >= 2.4: pip install 'numpy<2.4'")
+    if out.tolist() != [0, 1]:
+        return f"the Triton {triton.__version__} interpreter computed {out.tolist()} for [0, 1]"
     return "available"
 
 
@@ -53,8 +79,11 @@ def choose(op: str, extension: str, device: torch.device) -> str:
         if forced == "cpp" and device.type != "cpu":
             raise RuntimeError(f"{op}: backend 'cpp' forced but the tensors are on {device}; the C++ kernels "
                                "take CPU tensors only (use backend 'triton' or move them with .cpu())")
-        if forced == "triton" and device.type == "cpu" and not triton_interpreting():
-            raise RuntimeError(f"{op}: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
+        if forced == "triton" and device.type == "cpu":
+            if not triton_interpreting():
+                raise RuntimeError(f"{op}: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
+            if triton_status() != "available":
+                raise RuntimeError(f"{op}: backend 'triton' forced but {triton_status()}")
         return forced
     if device.type == "cuda":
         status = triton_status()

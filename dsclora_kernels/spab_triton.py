@@ -52,36 +52,44 @@ INTERPRETER = LaunchConfig(panel=256, small_frames=True, num_warps=4, num_stages
 #: Widest padded channel count the GPU table covers.
 MAX_CHANNELS = 64
 
-# The GPU table: (bytes per element, padded channels) -> config, for forward and recompute alike,
-# with per-architecture entries; chosen with triton_budget (Triton 3.9, cross-checked with 3.6)
-# and checked for every architecture by tests/test_triton_budget.py: shared memory within the
-# limit, no fp16/bf16 spills, programs_per_sm resident at once (the persistent grid runs in one
-# wave). Two programs of 4 warps per SM hide each other's barriers and epilogues (255 registers
-# x 128 threads x 2 fill the register file); num_stages - 1 tap panels are prefetched into
-# shared memory (cp.async). The 16-bit kernels sit at ptxas's 255-register edge, so entries are
-# per architecture: 128-pixel panels, a third stage on sm_86 / sm_89, or 4 warps at 64 channels
-# on sm_80 / sm_90 spilled.
-_GPU_CONFIGS = {
-    (2, 32): LaunchConfig(panel=64, small_frames=False, num_warps=4, num_stages=2, programs_per_sm=2),
-    (2, 64): LaunchConfig(panel=32, small_frames=False, num_warps=4, num_stages=2, programs_per_sm=2),
+# The GPU table: (architecture, bytes per element, padded channels, mode) -> config, None matching
+# any architecture or mode (``launch_config`` takes the most specific entry); chosen with
+# triton_budget under Triton 3.6 and 3.9 and checked for every architecture by
+# tests/test_triton_budget.py: shared memory within the limit, no fp16/bf16 spills,
+# programs_per_sm resident at once (the persistent grid runs in one wave). Two programs of 4 warps
+# per SM hide each other's barriers and epilogues (255 registers x 128 threads x 2 fill the
+# register file); num_stages - 1 tap panels are prefetched into shared memory (cp.async). The
+# 16-bit kernels sit at ptxas's 255-register edge, where the two Triton versions spill on
+# different entries: the recompute (four more live tiles) gets 32-pixel panels and a third stage,
+# 64 channels on sm_80 / sm_90 one program of 8 warps per SM (fewer values per thread).
+_CONFIGS = {
+    (None, 2, 32, None): LaunchConfig(panel=64, small_frames=False, num_warps=4, num_stages=2, programs_per_sm=2),
+    (None, 2, 32, "recompute"): LaunchConfig(panel=32, small_frames=False, num_warps=4, num_stages=3,
+                                             programs_per_sm=2),
+    ("sm_90", 2, 32, None): LaunchConfig(panel=64, small_frames=False, num_warps=4, num_stages=3, programs_per_sm=2),
+    (None, 2, 64, None): LaunchConfig(panel=32, small_frames=False, num_warps=4, num_stages=2, programs_per_sm=2),
+    ("sm_80", 2, 64, "forward"): LaunchConfig(panel=64, small_frames=False, num_warps=8, num_stages=2,
+                                              programs_per_sm=1),
+    ("sm_80", 2, 64, "recompute"): LaunchConfig(panel=32, small_frames=False, num_warps=8, num_stages=3,
+                                                programs_per_sm=1),
+    ("sm_90", 2, 64, None): LaunchConfig(panel=32, small_frames=False, num_warps=8, num_stages=1, programs_per_sm=1),
     # fp32 (tf32x3 splits both operands in two) may spill a few dozen bytes
-    (4, 32): LaunchConfig(panel=64, small_frames=False, num_warps=4, num_stages=3, programs_per_sm=2),
-    (4, 64): LaunchConfig(panel=32, small_frames=False, num_warps=4, num_stages=2, programs_per_sm=2),
-}
-_ARCH_CONFIGS = {
-    ("sm_90", 2, 32): LaunchConfig(panel=64, small_frames=False, num_warps=4, num_stages=3, programs_per_sm=2),
-    # one program of 8 warps per SM: fewer values per thread
-    ("sm_80", 2, 64): LaunchConfig(panel=64, small_frames=False, num_warps=8, num_stages=2, programs_per_sm=1),
-    ("sm_90", 2, 64): LaunchConfig(panel=32, small_frames=False, num_warps=8, num_stages=1, programs_per_sm=1),
+    (None, 4, 32, None): LaunchConfig(panel=64, small_frames=False, num_warps=4, num_stages=3, programs_per_sm=2),
+    (None, 4, 64, None): LaunchConfig(panel=32, small_frames=False, num_warps=4, num_stages=2, programs_per_sm=2),
 }
 
 
-def launch_config(arch: gpu_arch.Arch, dtype: torch.dtype, cp: int) -> LaunchConfig:
-    """The configuration for a GPU of budget ``arch``, ``dtype`` and ``cp`` <= MAX_CHANNELS padded channels."""
+def launch_config(arch: gpu_arch.Arch, dtype: torch.dtype, cp: int, recompute: bool) -> LaunchConfig:
+    """The configuration for a GPU of budget ``arch``, ``dtype``, ``cp`` <= MAX_CHANNELS padded
+    channels and the forward (``recompute=False``) or the backward's recompute pass."""
     if cp > MAX_CHANNELS:
         raise ValueError(f"spab (triton): {cp} padded channels; the GPU launch table covers up to {MAX_CHANNELS}")
     key = (dtype.itemsize, max(cp, 32))
-    return _ARCH_CONFIGS.get((arch.name, *key)) or _GPU_CONFIGS[key]
+    mode = "recompute" if recompute else "forward"
+    for entry in ((arch.name, *key, mode), (arch.name, *key, None), (None, *key, mode)):
+        if entry in _CONFIGS:
+            return _CONFIGS[entry]
+    return _CONFIGS[(None, *key, None)]
 
 
 def frame(h: int, w: int, config: LaunchConfig) -> tuple[int, int, int]:
@@ -276,7 +284,7 @@ def _launch(x, packed, outputs, g_out=None):
         config, max_programs = INTERPRETER, INTERPRETER.programs_per_sm
     else:
         arch, sms = gpu_arch.device_arch(x.device)
-        config = launch_config(arch, x.dtype, padded_channels(x.shape[1]))
+        config = launch_config(arch, x.dtype, padded_channels(x.shape[1]), g_out is not None)
         max_programs = config.programs_per_sm * sms  # persistent: all resident at once
     grid, args, meta = _kernel_call(x, packed, outputs, g_out, config, max_programs, interpreting)
     _spab_kernel[grid](*args, **meta)
@@ -292,7 +300,7 @@ def aot_launch(dtype: torch.dtype, channels: int, recompute: bool, arch: gpu_arc
     outputs = (None,) + tuple(torch.empty_like(x) for _ in range(6))
     if not recompute:
         outputs = outputs[1:3] + (None,) * 5
-    config = launch_config(arch, dtype, cp)
+    config = launch_config(arch, dtype, cp, recompute)
     grid, args, meta = _kernel_call(x, packed, outputs, torch.zeros_like(x) if recompute else None, config, 1, False)
     return _spab_kernel, grid, args, meta
 

@@ -76,7 +76,7 @@ def cases(archs: Optional[tuple[str, ...]] = None, kernels: tuple[str, ...] = ("
         for dtype in spab_triton.DTYPES if "spab" in kernels else ():
             for channels in SPAB_CHANNELS:
                 for recompute in (False, True):
-                    config = spab_triton.launch_config(arch, dtype, spab_triton.padded_channels(channels))
+                    config = spab_triton.launch_config(arch, dtype, spab_triton.padded_channels(channels), recompute)
                     result.append(Case("spab", str(dtype)[6:], str(channels), "recompute" if recompute else "forward",
                                        _describe(config), arch.name, (dtype, channels, recompute)))
         for cs, ct in AFFINITY_CHANNELS if "affinity" in kernels else ():
@@ -130,8 +130,8 @@ def compile_usage(kernel, args: tuple, kwargs: dict, capability: int) -> tuple[i
 def _launch(case: Case, arch: gpu_arch.Arch):
     """(kernel, grid, arguments, keyword arguments, programs per SM or None) of a case."""
     if case.kernel == "spab":
-        dtype, channels, _ = case.build
-        config = spab_triton.launch_config(arch, dtype, spab_triton.padded_channels(channels))
+        dtype, channels, recompute = case.build
+        config = spab_triton.launch_config(arch, dtype, spab_triton.padded_channels(channels), recompute)
         return (*spab_triton.aot_launch(*case.build, arch), config.programs_per_sm)
     return (*affinity_triton.aot_launch(*case.build), None)
 

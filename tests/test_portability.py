@@ -143,6 +143,19 @@ def test_forced_cpp_backend_rejects_tensors_off_the_cpu():
             _dispatch.choose("spab", "spab", torch.device(device))
 
 
+def test_a_broken_triton_interpreter_is_named_not_run(monkeypatch):
+    """The interpreter is probed once (a kernel with a runtime loop bound, e.g. impossible for
+    Triton 3.6 under NumPy 2.4); forcing Triton on CPU tensors then fails with that reason."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not torch.cuda.is_available():  # without a GPU this suite runs the interpreter: it must work
+        assert _dispatch._interpreter_status() == "available"
+    monkeypatch.setattr(_dispatch, "_interpreter_status", lambda: "the Triton 0.0 interpreter fails")
+    assert _dispatch.triton_status() == "the Triton 0.0 interpreter fails"
+    with use_backend("triton"), pytest.raises(RuntimeError, match="'triton' forced but the Triton 0.0 interpreter"):
+        _dispatch.choose("spab", "spab", torch.device("cpu"))
+
+
 def test_no_pointer_to_non_cpu_memory_reaches_the_kernels(recorder):
     """Each C++ call path given tensors not in CPU memory (meta: no GPU here) raises before any call."""
     x = torch.empty(1, 4, 3, 3, device="meta")

@@ -135,9 +135,8 @@ def test_triton_forward_matches_reference(shape, expect_launches):
 
 # The GPU launch table's tilings (32 x 32 frames, a panel size, programs per SM looping over the
 # tiles) with the padded width each serves; warps and stages do not exist in the interpreter.
-GPU_TILINGS = sorted({(key[-1], config._replace(num_warps=4, num_stages=1))
-                      for table in (spab_triton._GPU_CONFIGS, spab_triton._ARCH_CONFIGS)
-                      for key, config in table.items()})
+GPU_TILINGS = sorted({(key[2], config._replace(num_warps=4, num_stages=1))
+                      for key, config in spab_triton._CONFIGS.items()})
 
 
 @pytest.mark.parametrize("cp,config", GPU_TILINGS, ids=lambda v: f"cp{v}" if isinstance(v, int) else
