@@ -65,34 +65,6 @@ template <typename V> DSCLORA_INLINE V splat(LaneOf<V> x) {
 #endif
 }
 
-// Lane-wise a[i] < b[i] ? a[i] : b[i], and so on.
-template <typename V> DSCLORA_INLINE V minimum(V a, V b) {
-#ifdef DSCLORA_GNU
-  return a < b ? a : b;
-#else
-  for (int i = 0; i < kLanesOf<V>; ++i) a[i] = a[i] < b[i] ? a[i] : b[i];
-  return a;
-#endif
-}
-
-template <typename V> DSCLORA_INLINE V maximum(V a, V b) {
-#ifdef DSCLORA_GNU
-  return a > b ? a : b;
-#else
-  for (int i = 0; i < kLanesOf<V>; ++i) a[i] = a[i] > b[i] ? a[i] : b[i];
-  return a;
-#endif
-}
-
-template <typename V> DSCLORA_INLINE V absolute(V d) {
-#ifdef DSCLORA_GNU
-  return d > 0 ? d : -d;
-#else
-  for (int i = 0; i < kLanesOf<V>; ++i) d[i] = d[i] > 0 ? d[i] : -d[i];
-  return d;
-#endif
-}
-
 // Lane-wise key[i] < limit[i] ? a[i] : b[i].
 template <typename V> DSCLORA_INLINE V select_less(V key, V limit, V a, V b) {
 #ifdef DSCLORA_GNU
@@ -100,6 +72,19 @@ template <typename V> DSCLORA_INLINE V select_less(V key, V limit, V a, V b) {
 #else
   for (int i = 0; i < kLanesOf<V>; ++i) b[i] = key[i] < limit[i] ? a[i] : b[i];
   return b;
+#endif
+}
+
+// Lane-wise a[i] < b[i] ? a[i] : b[i], and a[i] > b[i] ? a[i] : b[i].
+template <typename V> DSCLORA_INLINE V minimum(V a, V b) { return select_less(a, b, a, b); }
+template <typename V> DSCLORA_INLINE V maximum(V a, V b) { return select_less(b, a, a, b); }
+
+template <typename V> DSCLORA_INLINE V absolute(V d) {
+#ifdef DSCLORA_GNU
+  return d > 0 ? d : -d;
+#else
+  for (int i = 0; i < kLanesOf<V>; ++i) d[i] = d[i] > 0 ? d[i] : -d[i];
+  return d;
 #endif
 }
 

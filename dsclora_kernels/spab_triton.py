@@ -292,8 +292,9 @@ def _launch(x, packed, outputs, g_out=None):
 
 
 def aot_launch(dtype: torch.dtype, channels: int, recompute: bool, arch: gpu_arch.Arch):
-    """(kernel, grid, arguments, keyword arguments) of the launch ``_launch`` makes for a CUDA
-    (1, channels, 64, 64) NCHW input on ``arch`` (one program), on CPU tensors (triton_budget)."""
+    """(kernel, grid, arguments, keyword arguments, programs per SM) of the launch ``_launch`` makes
+    for a CUDA (1, channels, 64, 64) NCHW input on ``arch`` (one program), on CPU tensors
+    (triton_budget)."""
     x = torch.zeros(1, channels, 64, 64, dtype=dtype)
     cp = padded_channels(channels)
     packed = torch.zeros(3, 9, cp, cp, dtype=dtype), torch.zeros(3, cp)
@@ -302,7 +303,7 @@ def aot_launch(dtype: torch.dtype, channels: int, recompute: bool, arch: gpu_arc
         outputs = outputs[1:3] + (None,) * 5
     config = launch_config(arch, dtype, cp, recompute)
     grid, args, meta = _kernel_call(x, packed, outputs, torch.zeros_like(x) if recompute else None, config, 1, False)
-    return _spab_kernel, grid, args, meta
+    return _spab_kernel, grid, args, meta, config.programs_per_sm
 
 
 def forward(x, packed, out, h1) -> None:

@@ -1,7 +1,7 @@
 """Ahead-of-time resource check of every Triton launch the fused ops make on a GPU; no GPU needed.
 
 Each launch is built by its launcher's own code (``spab_triton.aot_launch``,
-``affinity_triton.aot_launches``: the same arguments, constexprs, num_warps, num_stages and, for
+``affinity_triton.aot_launch``: the same arguments, constexprs, num_warps, num_stages and, for
 the autotuned kernel, the configurations left after pruning for the architecture), specialised
 by Triton's own binder and compiled with ``triton.compile`` for ``GPUTarget("cuda", capability,
 32)`` for every architecture in ``gpu_arch.ARCHS``. Shared memory is the compiled metadata;
@@ -130,9 +130,7 @@ def compile_usage(kernel, args: tuple, kwargs: dict, capability: int) -> tuple[i
 def _launch(case: Case, arch: gpu_arch.Arch):
     """(kernel, grid, arguments, keyword arguments, programs per SM or None) of a case."""
     if case.kernel == "spab":
-        dtype, channels, recompute = case.build
-        config = spab_triton.launch_config(arch, dtype, spab_triton.padded_channels(channels), recompute)
-        return (*spab_triton.aot_launch(*case.build, arch), config.programs_per_sm)
+        return spab_triton.aot_launch(*case.build, arch)
     return (*affinity_triton.aot_launch(*case.build), None)
 
 
