@@ -28,6 +28,11 @@ from .affinity_squared import squared_affinity_loss
 
 OP, EXTENSION = "spatial_affinity_loss", "affinity"
 PRECISIONS = ("ieee", "tf32x3", "tf32")  # tl.dot input precisions; the C++ kernel is always exact fp32
+#: Tensor cores with exact signs (affinity_triton): the loss within ~1e-7 and the gradient within
+#: ~1e-6 of float64 (the fp32 level), ≈ 3x one TF32 product's time.
+DEFAULT_PRECISION = "tf32x3"
+#: Bytes of float64 temporaries the normalisation and its backward hold at once (images in chunks).
+CHUNK_BYTES = 64 << 20
 
 
 def spatial_affinity_loss(
@@ -37,13 +42,14 @@ def spatial_affinity_loss(
     reduction: str = "mean",
     p: int = 1,
     eps: float = 1e-8,
-    precision: str = "ieee",
+    precision: str = DEFAULT_PRECISION,
 ) -> torch.Tensor:
     """mean (or sum) over b, i, j of |A_S − A_T|^p, A = F̂ᵀF̂ the (N x N) cosine affinity per image.
 
     f_student (B, Cs, H, W) and f_teacher (B, Ct, H, W), any float dtype and strides; computed in
     float32 (float64 if an input is float64). ``precision`` selects the Triton ``tl.dot`` mode
-    for p = 1 on CUDA (see affinity_triton). Differentiable w.r.t. both inputs (no double backward).
+    for p = 1 on CUDA (default "tf32x3": tensor cores, exact signs; see affinity_triton).
+    Differentiable w.r.t. both inputs (no double backward).
     """
     _check_arguments(f_student, f_teacher, reduction, p, precision)
     if p == 2:
@@ -104,27 +110,39 @@ def _normalise(f: torch.Tensor, eps: float, dtype: torch.dtype, ld: int | None =
     norm = raw.new_empty(batch, 1, n, dtype=torch.float64)
     xhat = raw.new_empty(batch, channels, ld or n)
     xhat[..., n:].zero_()
-    # In float64, an image at a time (a bounded temporary), so x̂ is correctly rounded: a rounded
-    # 1 / (‖F‖ + eps) would scale a whole pixel by one shared error, a bias that does not average
-    # out in Σ|S − T| when student ≈ teacher (measured: 4x the loss error).
-    for b in range(batch):
-        image = raw[b].to(torch.float64, copy=True)
-        torch.linalg.vector_norm(image, dim=0, keepdim=True, out=norm[b])
-        xhat[b, :, :n].copy_(image.div_(norm[b] + eps))
+    # In float64, a chunk of images at a time (a bounded temporary), so x̂ is correctly rounded: a
+    # rounded 1 / (‖F‖ + eps) would scale a whole pixel by one shared error, a bias that does not
+    # average out in Σ|S − T| when student ≈ teacher (measured: 4x the loss error).
+    for images in _chunks(batch, 8 * channels * n):
+        block = raw[images].to(torch.float64, copy=True)
+        torch.linalg.vector_norm(block, dim=1, keepdim=True, out=norm[images])
+        xhat[images, :, :n].copy_(block.div_(norm[images] + eps))
     return _Normalised(xhat, raw, norm)
+
+
+def _chunks(batch: int, bytes_per_image: int) -> list[slice]:
+    """Slices of the batch whose float64 temporaries stay within CHUNK_BYTES (at least one image):
+    few launches for many small images, bounded memory for large ones."""
+    step = max(1, CHUNK_BYTES // bytes_per_image)
+    return [slice(b, min(b + step, batch)) for b in range(0, batch, step)]
 
 
 def _tie_bound(prepared: tuple[_Normalised, _Normalised], precision: str) -> float:
     """|D| below which a computed sign may be wrong; 0 in float64 (no refinement needed).
 
-    float32: x̂ is correctly rounded (u/2) and a C-term dot product is within C·u, so
-    |D_computed − D| ≤ (Cs + Ct + 2)·u with u = 2⁻²⁴; we use (Cs + Ct + 16)·u. "tf32x3" products
-    carry ≈ 4u; "tf32" is not refined (its bound would cover most entries)."""
+    With u = 2⁻²⁴ and unit pixel vectors (Σ_c |a_c||b_c| ≤ 1), each of S and T is off by:
+    "ieee": x̂ correctly rounded (≤ 2u) plus a C-term fp32 dot (≤ C·u): |D_computed − D| ≤
+    (Cs + Ct + 4)·u; we use (Cs + Ct + 16)·u. "tf32x3": a = a_big + a_small + r with |r| ≤ 2⁻²²|a|
+    (TF32 keeps 11 bits, rounding to nearest), the dropped a_small·b_small and the residuals
+    ≤ 3·2⁻²² = 12u per unit product (kept products are exact in fp32), x̂'s rounding 2u, and the
+    3C-term fp32 accumulation of the three products, ≤ 2u per addition even if the tensor cores
+    truncate instead of rounding: (6C + 14)·u each, so we use (6(Cs + Ct) + 40)·u (≈ 2.2e-5 for
+    26 / 28 channels). "tf32" is not refined (its bound, ≈ 2⁻⁹, would cover most tiles)."""
     xs, xt = prepared
     if xs.xhat.dtype == torch.float64 or precision == "tf32":
         return 0.0
-    unit = 2.0**-24 * (4 if precision == "tf32x3" else 1)
-    return (xs.xhat.shape[1] + xt.xhat.shape[1] + 16) * unit
+    channels = xs.xhat.shape[1] + xt.xhat.shape[1]
+    return (6 * channels + 40 if precision == "tf32x3" else channels + 16) * 2.0**-24
 
 
 def _input_gradient(f: torch.Tensor, g: torch.Tensor, prepared: _Normalised, eps: float, factor: float):
@@ -133,9 +151,9 @@ def _input_gradient(f: torch.Tensor, g: torch.Tensor, prepared: _Normalised, eps
     n = prepared.norm.shape[-1]
     g, xhat, norm = g[..., :n], prepared.xhat[..., :n], prepared.norm
     per_norm = torch.where(norm > 0, factor / norm, 0.0)  # zero pixels: x̂ = 0, no radial part
-    for b in range(g.shape[0]):  # an image at a time: the x̂ᵀg product is a bounded temporary
-        radial = (torch.linalg.vecdot(xhat[b], g[b], dim=0) * per_norm[b]).to(g.dtype)
-        g[b].mul_((factor / (norm[b] + eps)).to(g.dtype)).addcmul_(xhat[b], radial, value=-1)
+    for images in _chunks(g.shape[0], 8 * g.shape[1] * n):  # the x̂ᵀg product is a bounded temporary
+        radial = (torch.linalg.vecdot(xhat[images], g[images], dim=1).unsqueeze(1) * per_norm[images]).to(g.dtype)
+        g[images].mul_((factor / (norm[images] + eps)).to(g.dtype)).addcmul_(xhat[images], radial, value=-1)
     return g.reshape(f.shape).contiguous().to(f.dtype)
 
 

@@ -8,12 +8,16 @@ entries closer to a tie than the rounding error (|D| < tie_bound) are recomputed
 the raw features, in the tiles that have any, so every sign is exact.
 Channels are padded to a power of two (≥ 16, the smallest ``tl.dot`` size) inside the kernel.
 
-Precision of the float32 products (``precision``, the ``input_precision`` of ``tl.dot``):
-``"ieee"`` exact fp32 FMAs on CUDA cores (default); ``"tf32x3"`` three TF32 tensor-core products,
-≈ 4x the fp32 rounding (its tie bound is 4x wider); ``"tf32"`` one TF32 product: 10-bit mantissas,
-≈ 5e-4 relative per product, so S and T entries are off by up to ~C·5e-4 (typically √C·5e-4):
-signs flip wherever |S − T| is below that (no tie refinement) and the loss is biased by those
-entries. These are derived, not measured: the interpreter computes every mode in exact fp32.
+Precision of the float32 products (``precision``, the ``input_precision`` of ``tl.dot``), on
+both products, D's Gram tiles and G = sign(D) x̂ (sign is exact in every input format):
+``"tf32x3"`` (default) three TF32 tensor-core products (HMMA on sm_8x, HGMMA on sm_90) on split
+operands a = a_big + a_small, fp32 accumulation; exact signs by the tie refinement above, with
+the bound of ``affinity._tie_bound``. ``"ieee"`` fp32 FMAs on CUDA cores (≈ 7x slower on an
+H100), exact signs likewise. ``"tf32"`` one TF32 product (u = 2⁻¹¹): each S and T entry is off
+by up to ≈ 2⁻¹⁰ whatever C (Cauchy-Schwarz on unit vectors), so signs of entries with |D| below
+≈ 2e-3 may flip and are not refined (the bound would cover ~1 % of entries, i.e. nearly every
+tile): fastest, for when the gradient may be approximate. The interpreter computes every mode
+in exact fp32 (no TF32 emulation); tests/test_affinity.py checks the tf32x3 error model.
 """
 from typing import NamedTuple
 
@@ -28,22 +32,22 @@ try:
 except ImportError:  # dispatch never chooses "triton" without it (_dispatch.triton_status)
     triton = None
 
-#: Row block under the interpreter (autotuning is bypassed there); its column block is half of it,
-#: so the rectangular-tile logic is what CI tests.
+#: Row block under the interpreter; its column block is half of it, so the rectangular-tile logic
+#: is what CI tests.
 INTERPRETER_BLOCK = 64
 
-
-#: GPU autotuning candidates (BLOCK_I, BLOCK_J, num_warps, num_stages) per product: tensor-core
-#: tiles for tf32; tf32x3 (3 products on split operands) and exact fp32 / fp64 FMAs on CUDA cores
-#: (dot operands are register arrays over the whole channel depth) need smaller tiles: larger
-#: ones spill kilobytes (measured with triton_budget). ``gpu_blocks`` drops those whose shared
-#: memory may exceed the GPU's budget, leaving SMALL_BLOCK if none fits.
-SMALL_BLOCK = (32, 32, 4, 2)
-GPU_BLOCKS = {
-    "tf32": ((128, 64, 8, 2), (64, 32, 4, 2)),
-    "tf32x3": ((64, 32, 4, 2),),
-    "ieee": (SMALL_BLOCK,),
-    "fp64": (SMALL_BLOCK,),
+#: Launch configuration (BLOCK_I, BLOCK_J, num_warps, num_stages) per kind of product and compute
+#: capability (None: every other one), chosen with triton_budget so that no launch spills and
+#: shared memory fits (tests/test_triton_budget.py checks each). A fixed table, no runtime
+#: autotuning: its benchmark buffers cost the first call 270 MB on an H200 (issue 19).
+#: sm_90 compiles tf32 products to warpgroup MMAs (HGMMA) with fewer registers, so it takes 128-row
+#: blocks; sm_8x (HMMA) needs 64-row blocks and 8 warps to stay clear of spills.
+SMALL_BLOCK = (32, 32, 8, 2)
+LAUNCH_BLOCKS = {
+    "tf32x3": {90: (128, 32, 8, 2), None: (64, 32, 8, 2)},
+    "tf32": {90: (128, 64, 8, 2), None: (64, 32, 8, 2)},
+    "ieee": {None: SMALL_BLOCK},
+    "fp64": {None: SMALL_BLOCK},
 }
 
 
@@ -62,13 +66,13 @@ def shared_bound(block: tuple, meta: dict, itemsize: int) -> float:
     return factor * itemsize * (meta["CS_PAD"] + meta["CT_PAD"]) * (block_i + block_j)
 
 
-def gpu_blocks(arch: gpu_arch.Arch, meta: dict, itemsize: int) -> list[tuple]:
-    """The autotuning candidates of a launch on ``arch``: those of its kind of product whose
+def launch_block(arch: gpu_arch.Arch, meta: dict, itemsize: int) -> tuple:
+    """The block of a launch on ``arch``: LAUNCH_BLOCKS' entry for its product if its
     ``shared_bound`` fits the architecture, else SMALL_BLOCK (tests/test_triton_budget.py
     checks it fits)."""
-    kind = "fp64" if itemsize == 8 else meta["PRECISION"]
-    fitting = [b for b in GPU_BLOCKS[kind] if shared_bound(b, meta, itemsize) <= arch.smem_per_block]
-    return fitting or [SMALL_BLOCK]
+    table = LAUNCH_BLOCKS["fp64" if itemsize == 8 else meta["PRECISION"]]
+    block = table.get(arch.capability, table[None])
+    return block if shared_bound(block, meta, itemsize) <= arch.smem_per_block else SMALL_BLOCK
 
 
 if triton is not None:
@@ -91,9 +95,9 @@ if triton is not None:
     # (the tiles are compute-bound: x̂ loads without N's divisibility cost little).
     @triton.jit(do_not_specialize=["N", "CS", "CT", "TIE_BOUND"])
     def _affinity_l1_kernel(
-        XS, XT, GS, GT, FS, FT, RS, RT, ROW_LOSS, N, CS, CT, TIE_BOUND,
+        XS, XT, GS, FS, FT, RS, RT, ROW_LOSS, N, CS, CT, TIE_BOUND,
         CS_PAD: tl.constexpr, CT_PAD: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-        GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, PRECISION: tl.constexpr, EXACT_SIGNS: tl.constexpr,
+        GRAD_S: tl.constexpr, PRECISION: tl.constexpr, EXACT_SIGNS: tl.constexpr,
     ):
         block = tl.program_id(0)
         image = tl.program_id(1).to(tl.int64)
@@ -113,9 +117,8 @@ if triton is not None:
         xt_i = tl.load(XT + ct[None, :] * N + rows[:, None], mask=(ct[None, :] < CT) & row_ok[:, None], other=0.0)
         loss = tl.zeros((BLOCK_I,), tl.float64)  # up to N / BLOCK_J tile sums per row
         gs = tl.zeros((BLOCK_I, CS_PAD), dtype)
-        gt = tl.zeros((BLOCK_I, CT_PAD), dtype)
         start = 0
-        if not (GRAD_S or GRAD_T):  # from the diagonal square on (BLOCK_I is a multiple of BLOCK_J)
+        if not GRAD_S:  # from the diagonal square on (BLOCK_I is a multiple of BLOCK_J)
             start = block * (BLOCK_I // BLOCK_J)
         for j in range(start, tl.cdiv(N, BLOCK_J)):
             cols = j * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -130,57 +133,47 @@ if triton is not None:
                     exact = _exact_affinity(FS, RS, CS, N, rows, cols, BLOCK_I, BLOCK_J)
                     exact -= _exact_affinity(FT, RT, CT, N, rows, cols, BLOCK_I, BLOCK_J)
                     d = tl.where(tie, exact.to(dtype), d)
-            if GRAD_S or GRAD_T:
+            if GRAD_S:
                 loss += tl.sum(tl.abs(d), axis=1).to(tl.float64)
             else:  # pairs inside the diagonal square once (both orders are in it), the rest twice
                 weight = tl.where(cols < (block + 1) * BLOCK_I, 1.0, 2.0).to(dtype)
                 loss += tl.sum(tl.abs(d) * weight[None, :], axis=1).to(tl.float64)
-            sign = (tl.where(d > 0, 1.0, 0.0) - tl.where(d < 0, 1.0, 0.0)).to(dtype)
-            if GRAD_S:
+            if GRAD_S:  # sign(D) is exact in any input precision; only x̂_s is rounded
+                sign = (tl.where(d > 0, 1.0, 0.0) - tl.where(d < 0, 1.0, 0.0)).to(dtype)
                 gs = tl.dot(sign, tl.trans(xs_j), gs, input_precision=PRECISION, out_dtype=dtype)
-            if GRAD_T:
-                gt = tl.dot(sign, tl.trans(xt_j), gt, input_precision=PRECISION, out_dtype=dtype)
         tl.store(ROW_LOSS + image * N + rows, loss, mask=row_ok)
         if GRAD_S:
             tl.store(GS + image * CS * N + cs[None, :] * N + rows[:, None], gs, mask=(cs[None, :] < CS) & row_ok[:, None])
-        if GRAD_T:
-            tl.store(GT + image * CT * N + ct[None, :] * N + rows[:, None], gt, mask=(ct[None, :] < CT) & row_ok[:, None])
-
-    # Configs for the GPU, pruned per architecture (``_prune``); the interpreter cannot run
-    # @triton.autotune, so it calls the kernel directly.
-    _CONFIGS = [
-        triton.Config({"BLOCK_I": bi, "BLOCK_J": bj}, num_warps=warps, num_stages=stages)
-        for bi, bj, warps, stages in sorted({b for blocks in GPU_BLOCKS.values() for b in blocks})
-    ]
-
-    def _prune(configs, named_args, **meta):
-        """The configs that are candidates for this launch and fit the device's budget."""
-        arch, _ = gpu_arch.device_arch(named_args["XS"].device)
-        wanted = gpu_blocks(arch, meta, named_args["XS"].element_size())
-        return [c for c in configs
-                if (c.kwargs["BLOCK_I"], c.kwargs["BLOCK_J"], c.num_warps, c.num_stages) in wanted]
-
-    _autotuned_kernel = triton.autotune(
-        _CONFIGS, key=["N", "CS_PAD", "CT_PAD", "GRAD_S", "GRAD_T", "PRECISION", "EXACT_SIGNS"],
-        prune_configs_by={"early_config_prune": _prune},
-    )(_affinity_l1_kernel)
 
 
-def _kernel_call(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_bound: float, eps: float):
-    """(arguments, constexprs, (row_loss, G_s, G_t)) of the kernel launch for ``affinity_l1_triton``."""
+def _kernel_call(xs, xt, grad_s: bool, precision: str, tie_bound: float, eps: float):
+    """(arguments, constexprs, (row_loss, G_s)) of the kernel launch for ``affinity_l1_triton``."""
     batch, cs, n = xs.xhat.shape
     ct = xt.xhat.shape[1]
     if xs.xhat.dtype == torch.float64:
         precision = "ieee"  # tensor cores have no float64 mode
     gs = torch.empty_like(xs.xhat) if grad_s else xs.xhat.new_empty(1)
-    gt = torch.empty_like(xt.xhat) if grad_t else xt.xhat.new_empty(1)
-    rs, rt = (xs.inverse_norm(eps), xt.inverse_norm(eps)) if tie_bound > 0 else (gs, gt)  # unused unless exact
-    # Σ_j |D_ij| per row i: every config writes all of it (autotuning runs several on one buffer)
-    row_loss = xs.xhat.new_empty(batch, n, dtype=torch.float64)
-    args = (xs.xhat, xt.xhat, gs, gt, xs.raw, xt.raw, rs, rt, row_loss, n, cs, ct, tie_bound)
-    meta = dict(CS_PAD=_padded_channels(cs), CT_PAD=_padded_channels(ct), GRAD_S=grad_s, GRAD_T=grad_t,
+    rs, rt = (xs.inverse_norm(eps), xt.inverse_norm(eps)) if tie_bound > 0 else (gs, gs)  # unused unless exact
+    row_loss = xs.xhat.new_empty(batch, n, dtype=torch.float64)  # Σ_j |D_ij| per row i
+    args = (xs.xhat, xt.xhat, gs, xs.raw, xt.raw, rs, rt, row_loss, n, cs, ct, tie_bound)
+    meta = dict(CS_PAD=_padded_channels(cs), CT_PAD=_padded_channels(ct), GRAD_S=grad_s,
                 PRECISION=precision, EXACT_SIGNS=tie_bound > 0)
-    return args, meta, (row_loss, gs if grad_s else None, gt if grad_t else None)
+    return args, meta, (row_loss, gs if grad_s else None)
+
+
+def _launch(xs, xt, grad_s: bool, precision: str, tie_bound: float, eps: float):
+    """One kernel launch: (Σ_ij |D_ij| as a float64 scalar, G_s or None)."""
+    args, meta, (row_loss, gs) = _kernel_call(xs, xt, grad_s, precision, tie_bound, eps)
+    batch, n = row_loss.shape
+    if triton_interpreting():
+        block = (INTERPRETER_BLOCK, INTERPRETER_BLOCK // 2, 4, 2)
+    else:
+        block = launch_block(gpu_arch.device_arch(xs.xhat.device)[0], meta, xs.xhat.element_size())
+    block_i, block_j, warps, stages = block
+    _affinity_l1_kernel[(triton.cdiv(n, block_i), batch)](
+        *args, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=warps, num_stages=stages, **meta)
+    _launches.record("affinity_l1")
+    return row_loss.sum(), gs
 
 
 def affinity_l1_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_bound: float, eps: float):
@@ -188,20 +181,16 @@ def affinity_l1_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_b
 
     xs, xt: prepared inputs (``affinity._Normalised``: x̂ (B, C, N) contiguous, raw F, norms).
     With tie_bound > 0, entries with |D| < tie_bound are recomputed in float64 (exact signs).
+    The kernel computes the student's G only: the teacher's is the student G of the swapped pair
+    (Σ|S − T| is symmetric and sign(T − S) = −sign(S − T)), a second launch when both are wanted
+    (not in training, where the teacher is a constant; one G per launch keeps it free of spills).
     """
-    if grad_t and not grad_s:  # one compiled variant fewer: swap the roles. Σ|S − T| is symmetric,
-        # and sign(T − S) = −sign(S − T) makes the swapped pair's student G minus the teacher's.
-        total, g, _ = affinity_l1_triton(xt, xs, True, False, precision, tie_bound, eps)
+    if grad_t and not grad_s:
+        total, g = _launch(xt, xs, True, precision, tie_bound, eps)
         return total, None, g.neg_()
-    args, meta, (row_loss, gs, gt) = _kernel_call(xs, xt, grad_s, grad_t, precision, tie_bound, eps)
-    batch, n = row_loss.shape
-    if triton_interpreting():
-        grid = (triton.cdiv(n, INTERPRETER_BLOCK), batch)
-        _affinity_l1_kernel[grid](*args, BLOCK_I=INTERPRETER_BLOCK, BLOCK_J=INTERPRETER_BLOCK // 2, **meta)
-    else:
-        _autotuned_kernel[lambda cfg: (triton.cdiv(n, cfg["BLOCK_I"]), batch)](*args, **meta)
-    _launches.record("affinity_l1")
-    return row_loss.sum(), gs, gt
+    total, gs = _launch(xs, xt, grad_s, precision, tie_bound, eps)
+    gt = _launch(xt, xs, True, precision, tie_bound, eps)[1].neg_() if grad_t else None
+    return total, gs, gt
 
 
 # ---- ahead-of-time compilation (triton_budget) ----
@@ -213,39 +202,40 @@ class AotCase(NamedTuple):
     build: tuple  # aot_launch's arguments after (cs, ct)
 
 
-def _aot_inputs(cs: int, ct: int, dtype: torch.dtype, grad_s: bool, grad_t: bool, precision: str):
+def _aot_inputs(cs: int, ct: int, dtype: torch.dtype, grad_s: bool, precision: str):
     """The launch ``affinity._pass_triton`` makes for CUDA features (1, cs|ct, 32, 32) of ``dtype``,
     built on CPU tensors: (arguments, constexprs)."""
     from . import affinity
 
     eps = 1e-8
     xs, xt = (affinity._normalise(torch.ones(1, c, 32, 32, dtype=dtype), eps, dtype) for c in (cs, ct))
-    tie_bound = affinity._tie_bound((xs, xt), precision) if grad_s or grad_t else 0.0  # as _pass_triton
-    args, meta, _ = _kernel_call(xs, xt, grad_s, grad_t, precision, tie_bound, eps)
+    tie_bound = affinity._tie_bound((xs, xt), precision) if grad_s else 0.0  # as _pass_triton
+    args, meta, _ = _kernel_call(xs, xt, grad_s, precision, tie_bound, eps)
     return args, meta
 
 
 def aot_cases(cs: int, ct: int, arch: gpu_arch.Arch) -> list[AotCase]:
-    """Every launch of the kernel for cs / ct channels on ``arch``: dtypes, gradients (teacher-only
-    runs as student-only), precisions, and each autotuning config left after pruning."""
+    """Every launch of the kernel for cs / ct channels on ``arch``: dtypes, with or without the
+    student gradient (a teacher gradient is the student gradient of the swapped pair), precisions."""
+    from . import affinity
+
     cases = []
     for dtype in (torch.float32, torch.float64):
-        for grad_s, grad_t in ((False, False), (True, False), (True, True)):
-            for precision in (("ieee", "tf32x3", "tf32") if dtype == torch.float32 else ("ieee",)):
-                _, meta = _aot_inputs(cs, ct, dtype, grad_s, grad_t, precision)
-                grads = "+".join(name for name, on in (("s", grad_s), ("t", grad_t)) if on) or "none"
-                mode = f"grad {grads}, {meta['PRECISION']}{', exact signs' if meta['EXACT_SIGNS'] else ''}"
-                for block in gpu_blocks(arch, meta, dtype.itemsize):
-                    bi, bj, warps, stages = block
-                    cases.append(AotCase(dtype, mode, f"{bi}x{bj}, {warps} warps, {stages} stages",
-                                         (dtype, grad_s, grad_t, precision, block)))
+        for grad_s in (False, True):
+            for precision in (affinity.PRECISIONS if dtype == torch.float32 else ("ieee",)):
+                _, meta = _aot_inputs(cs, ct, dtype, grad_s, precision)
+                mode = f"grad {'s' if grad_s else 'none'}, {meta['PRECISION']}"
+                mode += ", exact signs" if meta["EXACT_SIGNS"] else ""
+                bi, bj, warps, stages = block = launch_block(arch, meta, dtype.itemsize)
+                cases.append(AotCase(dtype, mode, f"{bi}x{bj}, {warps} warps, {stages} stages",
+                                     (dtype, grad_s, precision, block)))
     return cases
 
 
-def aot_launch(cs: int, ct: int, dtype: torch.dtype, grad_s: bool, grad_t: bool, precision: str, block: tuple):
-    """(kernel, grid, arguments, keyword arguments) of one autotuning config of that launch."""
-    args, meta = _aot_inputs(cs, ct, dtype, grad_s, grad_t, precision)
+def aot_launch(cs: int, ct: int, dtype: torch.dtype, grad_s: bool, precision: str, block: tuple):
+    """(kernel, grid, arguments, keyword arguments) of that launch."""
+    args, meta = _aot_inputs(cs, ct, dtype, grad_s, precision)
     bi, bj, warps, stages = block
-    batch, n = args[8].shape  # row_loss
+    batch, n = args[7].shape  # row_loss
     grid = (triton.cdiv(n, bi), batch)
     return _affinity_l1_kernel, grid, args, dict(meta, BLOCK_I=bi, BLOCK_J=bj, num_warps=warps, num_stages=stages)
