@@ -34,6 +34,7 @@ import time
 import torch
 
 from dsclora_kernels import spatial_affinity_loss, spatial_affinity_loss_reference
+from dsclora_kernels.affinity import DEFAULT_PRECISION, PRECISIONS
 
 CS, CT = 26, 28
 CPU_NAIVE_LIMIT = 4 << 30  # skip the CPU baseline above this much N² memory
@@ -68,7 +69,7 @@ def inputs(batch: int, side: int, device: str, seed: int = 0, case: str = "unrel
     return student.to(device).requires_grad_(), teacher.to(device)
 
 
-def step(method: str, student, teacher, precision: str = "ieee") -> None:
+def step(method: str, student, teacher, precision: str = DEFAULT_PRECISION) -> None:
     student.grad = None
     if method == "naive":
         loss = spatial_affinity_loss_reference(student, teacher)
@@ -162,10 +163,10 @@ def ties_table(batch: int, sizes: list[int], baseline_python: str | None) -> Non
 # --- GPU: CUDA events, allocator statistics ---------------------------------------------------
 
 
-def gpu_measure(method: str, batch: int, side: int, precision: str = "ieee", reps: int = 5):
+def gpu_measure(method: str, batch: int, side: int, precision: str = DEFAULT_PRECISION, reps: int = 5):
     try:
         student, teacher = inputs(batch, side, "cuda")
-        step(method, student, teacher, precision)  # warm-up (and autotuning)
+        step(method, student, teacher, precision)  # warm-up (compilation)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -184,22 +185,33 @@ def gpu_measure(method: str, batch: int, side: int, precision: str = "ieee", rep
         torch.cuda.empty_cache()
 
 
+def cuda_rows(batch: int = 8, sizes=(64, 128, 256), precisions=PRECISIONS, naive: bool = True) -> list[dict]:
+    """fwd + bwd on CUDA per size and precision (bench/gpu_perf.py imports it): dicts with side,
+    precision, ms, extra_bytes, TFLOP/s (achieved), naive_ms / naive_bytes (None: OOM or skipped)."""
+    rows = []
+    for side in sizes:
+        base = gpu_measure("naive", batch, side) if naive else None
+        for precision in precisions:
+            ours = gpu_measure("ours", batch, side, precision)
+            n = side * side
+            tflops = 2 * batch * n * n * (CS + CT + CS) / (ours["ms"] * 1e-3) / 1e12
+            rows.append(dict(side=side, precision=precision, ms=ours["ms"], extra_bytes=ours["extra_bytes"],
+                             tflops=tflops, naive_ms=base and base["ms"], naive_bytes=base and base["extra_bytes"]))
+    return rows
+
+
 def gpu_table(batch: int, sizes: list[int]) -> None:
     print(f"GPU {torch.cuda.get_device_name()}; B={batch}, Cs={CS}, Ct={CT}; "
           "extra memory = max_memory_allocated - inputs")
     print(f"{'H=W':>5} {'N':>7} {'precision':>9} | {'naive ms':>9} {'naive MiB':>10} | {'ours ms':>8} "
           f"{'ours MiB':>9} | {'speed-up':>8} | {'TFLOP/s':>7} {'of peak':>7}")
-    for side in sizes:
-        naive = gpu_measure("naive", batch, side)
-        naive_cols = f"{naive['ms']:>9.2f} {megabytes(naive['extra_bytes']):>10}" if naive else f"{'OOM':>20}"
-        for precision in PEAK_TFLOPS:
-            ours = gpu_measure("ours", batch, side, precision)
-            n = side * side
-            tflops = 2 * batch * n * n * (CS + CT + CS) / (ours["ms"] * 1e-3) / 1e12
-            ratio = f"{naive['ms'] / ours['ms']:>7.1f}x" if naive else f"{'-':>8}"
-            print(f"{side:>5} {n:>7} {precision:>9} | {naive_cols} | {ours['ms']:>8.2f} "
-                  f"{megabytes(ours['extra_bytes']):>9} | {ratio} | {tflops:>7.1f} {tflops / PEAK_TFLOPS[precision]:>6.0%}",
-                  flush=True)
+    for row in cuda_rows(batch, sizes):
+        side, naive_ms = row["side"], row["naive_ms"]
+        naive_cols = (f"{naive_ms:>9.2f} {megabytes(row['naive_bytes']):>10}" if naive_ms else f"{'OOM':>20}")
+        ratio = f"{naive_ms / row['ms']:>7.1f}x" if naive_ms else f"{'-':>8}"
+        print(f"{side:>5} {side * side:>7} {row['precision']:>9} | {naive_cols} | {row['ms']:>8.2f} "
+              f"{megabytes(row['extra_bytes']):>9} | {ratio} | {row['tflops']:>7.1f} "
+              f"{row['tflops'] / PEAK_TFLOPS[row['precision']]:>6.0%}", flush=True)
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ maps of blocks 1-3), defaults (1, 0.1, 0.01); L_rec is L1 (or L2, the paper's ab
 The affinity term's normalisation is FAKD's (its ``spatial_similarity`` + ``nn.L1Loss``): pixel
 vectors divided by (‖F‖ + eps), mean of |A_S − A_T| over (b, i, j), summed over the layers.
 The affinity term uses the fused op ``dsclora_kernels.spatial_affinity_loss`` (memory O(B·C·N)
-instead of the naive O(B·N²)), so large stage-two patches fit in memory.
+instead of the naive O(B·N²)), so large stage-two patches fit in memory; all pairs of one size
+go through one kernel launch (``spatial_affinity_loss_pairs``).
 """
 import torch
 import torch.nn.functional as F
@@ -17,17 +18,19 @@ from dsclora_kernels._log import fallback
 RECONSTRUCTIONS = ("l1", "l2")
 
 
-def _affinity_op():
-    """The fused spatial-affinity loss, or the plain-PyTorch reference (logged) if it is missing."""
+def _affinity_sum():
+    """Σ over feature pairs of the affinity loss: the fused op (one kernel launch for all pairs of
+    one size), or the plain-PyTorch reference pair by pair (logged) if it is missing."""
     try:
-        from dsclora_kernels import spatial_affinity_loss
-        return spatial_affinity_loss
+        from dsclora_kernels import spatial_affinity_loss, spatial_affinity_loss_pairs  # noqa: F401
+        return spatial_affinity_loss_pairs
     except ImportError as exc:
         from dsclora_kernels import spatial_affinity_loss_reference
 
         fallback("affinity:losses", f"fused spatial_affinity_loss is not importable ({exc}); "
                  "using the O(N^2)-memory reference")
-        return spatial_affinity_loss_reference
+        return lambda features_s, features_t: torch.stack(
+            [spatial_affinity_loss_reference(f_s, f_t) for f_s, f_t in zip(features_s, features_t)]).sum()
 
 
 def _full_precision(t: torch.Tensor) -> torch.Tensor:
@@ -39,15 +42,17 @@ def affinity_distillation(features_s: list[torch.Tensor], features_t: list[torch
     """Σ_l mean|A_S^l − A_T^l| over paired feature maps (B, C_s, H, W) / (B, C_t, H, W)."""
     if len(features_s) != len(features_t):
         raise ValueError(f"{len(features_s)} student vs {len(features_t)} teacher feature maps")
-    op = _affinity_op()
-    terms = []
+    groups: dict[tuple, tuple[list, list]] = {}  # pairs by (B, H, W): one launch each
     for layer, (f_s, f_t) in enumerate(zip(features_s, features_t), start=1):
         if f_s.shape[0] != f_t.shape[0] or f_s.shape[2:] != f_t.shape[2:]:
             raise ValueError(f"feature map F{layer}: student {tuple(f_s.shape)} and teacher "
                              f"{tuple(f_t.shape)} differ in batch or spatial size")
+        students, teachers = groups.setdefault((f_s.shape[0], *f_s.shape[2:]), ([], []))
         # Computed in at least float32 even under bf16 autocast (sign flips otherwise).
-        terms.append(op(_full_precision(f_s), _full_precision(f_t.detach())))
-    return torch.stack(terms).sum()
+        students.append(_full_precision(f_s))
+        teachers.append(_full_precision(f_t.detach()))
+    affinity_sum = _affinity_sum()
+    return torch.stack([affinity_sum(students, teachers) for students, teachers in groups.values()]).sum()
 
 
 class DSCLoRALoss(nn.Module):

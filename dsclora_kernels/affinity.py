@@ -139,10 +139,16 @@ def _tie_bound(prepared: tuple[_Normalised, _Normalised], precision: str) -> flo
     truncate instead of rounding: (6C + 14)·u each, so we use (6(Cs + Ct) + 40)·u (≈ 2.2e-5 for
     26 / 28 channels). "tf32" is not refined (its bound, ≈ 2⁻⁹, would cover most tiles)."""
     xs, xt = prepared
-    if xs.xhat.dtype == torch.float64 or precision == "tf32":
+    if xs.xhat.dtype == torch.float64:
         return 0.0
-    channels = xs.xhat.shape[1] + xt.xhat.shape[1]
-    return (6 * channels + 40 if precision == "tf32x3" else channels + 16) * 2.0**-24
+    return tie_bound_for(xs.xhat.shape[1], xt.xhat.shape[1], precision)
+
+
+def tie_bound_for(cs: int, ct: int, precision: str) -> float:
+    """``_tie_bound`` of float32 features with cs / ct channels."""
+    if precision == "tf32":
+        return 0.0
+    return (6 * (cs + ct) + 40 if precision == "tf32x3" else cs + ct + 16) * 2.0**-24
 
 
 def _input_gradient(f: torch.Tensor, g: torch.Tensor, prepared: _Normalised, eps: float, factor: float):

@@ -51,7 +51,8 @@ LAUNCH_BLOCKS = {
 }
 
 
-def _padded_channels(c: int) -> int:
+def channel_padding(c: int) -> int:
+    """Channels as the kernel holds them: a power of two, at least 16 (the smallest tl.dot size)."""
     return max(16, triton.next_power_of_2(c))
 
 
@@ -156,7 +157,7 @@ def _kernel_call(xs, xt, grad_s: bool, precision: str, tie_bound: float, eps: fl
     rs, rt = (xs.inverse_norm(eps), xt.inverse_norm(eps)) if tie_bound > 0 else (gs, gs)  # unused unless exact
     row_loss = xs.xhat.new_empty(batch, n, dtype=torch.float64)  # Σ_j |D_ij| per row i
     args = (xs.xhat, xt.xhat, gs, xs.raw, xt.raw, rs, rt, row_loss, n, cs, ct, tie_bound)
-    meta = dict(CS_PAD=_padded_channels(cs), CT_PAD=_padded_channels(ct), GRAD_S=grad_s,
+    meta = dict(CS_PAD=channel_padding(cs), CT_PAD=channel_padding(ct), GRAD_S=grad_s,
                 PRECISION=precision, EXACT_SIGNS=tie_bound > 0)
     return args, meta, (row_loss, gs if grad_s else None)
 

@@ -6,9 +6,12 @@ the autotuned kernel, the configurations left after pruning for the architecture
 by Triton's own binder and compiled with ``triton.compile`` for ``GPUTarget("cuda", capability,
 32)`` for every architecture in ``gpu_arch.ARCHS``. Shared memory is the compiled metadata;
 registers and spills come from Triton's bundled ``ptxas -v`` on the generated PTX (the command
-Triton itself runs to make the cubin). A launch is over budget when its shared memory exceeds the
-architecture's per-block maximum, when a 16-bit kernel spills registers, or (persistent kernels)
-when fewer of its programs fit on one SM than the launcher starts per SM.
+Triton itself runs to make the cubin); tensor-core instructions (HMMA, HGMMA, DMMA) are counted
+in the SASS of the cubin (Triton's bundled cuobjdump). A launch is over budget when its shared
+memory exceeds the architecture's per-block maximum, when a 16-bit SPAB kernel or any affinity
+kernel spills registers (beyond ``AFFINITY_SPILLS_TOLERATED``), when an affinity launch whose
+products are TF32 has no tensor-core instruction, or (persistent kernels) when fewer of its programs fit on one SM than the launcher
+starts per SM. The affinity loss's cost model (``affinity_cost``) is printed after the table.
 
 ``python -m dsclora_kernels.triton_budget`` (or ``python bench/triton_budget.py``) prints the
 table. Triton's interpreter cannot compile: under TRITON_INTERPRET=1, ``measure`` runs the
@@ -30,13 +33,29 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import affinity_triton, gpu_arch, spab_triton
+from . import affinity_cost, affinity_triton, gpu_arch, spab_triton
 from ._dispatch import triton_interpreting
 
 #: SPAN's channel widths: 26 / 28 pad to 32 channels, 48 / 52 to 64.
 SPAB_CHANNELS = (26, 48)
 #: (student, teacher) channels of the affinity loss: SPAN-Tiny 26 / SPAN 28 (the paper's pair), 48 / 52.
 AFFINITY_CHANNELS = ((26, 28), (48, 52))
+
+
+#: Affinity register spills tolerated for now (bytes, Triton 3.9), a ratchet: any other affinity
+#: spill, or a larger one, is a problem. Open work: 48/52 channels, and the tf32x3 student
+#: gradient on the 100 KiB-shared-memory GPUs (sm_86 / sm_89); the training pair 26/28 on
+#: sm_80 and sm_90 (A100, H100, H200) spills nothing.
+AFFINITY_SPILLS_TOLERATED = {
+    ("sm_80", "48/52", "grad none, tf32x3"): 136,
+    ("sm_80", "48/52", "grad s, tf32x3, exact signs"): 836,
+    ("sm_90", "48/52", "grad s, tf32x3, exact signs"): 212,
+    ("sm_90", "48/52", "grad s, tf32"): 92,
+    **{(arch, channels, mode): spill for arch in ("sm_86", "sm_89") for channels, mode, spill in (
+        ("26/28", "grad s, tf32x3, exact signs", 28), ("48/52", "grad none, tf32x3", 272),
+        ("48/52", "grad s, ieee, exact signs", 4), ("48/52", "grad s, tf32x3, exact signs", 40),
+        ("48/52", "grad s, tf32", 8))},
+}
 
 
 class Case(NamedTuple):
@@ -57,6 +76,7 @@ class Row(NamedTuple):
     regs: int
     spill_stores: int
     spill_loads: int
+    mma: int  # tensor-core MMA instructions in the SASS (HMMA, HGMMA, DMMA)
     blocks_per_sm: int  # resident blocks per SM by shared memory and registers
     programs_per_sm: Optional[int]  # how many the launcher starts per SM (persistent kernels)
     seconds: float
@@ -102,9 +122,13 @@ def _ptxas_log():
         yield log
 
 
-def compile_usage(kernel, args: tuple, kwargs: dict, capability: int) -> tuple[int, int, int, int]:
-    """(shared bytes, registers, spill store bytes, spill load bytes) of ``kernel[grid](*args,
-    **kwargs)`` compiled for compute capability ``capability``, as ``JITFunction.run`` would."""
+MMA_INSTRUCTION = re.compile(r"\b(HMMA|HGMMA|DMMA)\.")
+
+
+def compile_usage(kernel, args: tuple, kwargs: dict, capability: int) -> tuple[int, int, int, int, int]:
+    """(shared bytes, registers, spill store bytes, spill load bytes, tensor-core MMA instructions)
+    of ``kernel[grid](*args, **kwargs)`` compiled for compute capability ``capability``, as
+    ``JITFunction.run`` would."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -124,7 +148,8 @@ def compile_usage(kernel, args: tuple, kwargs: dict, capability: int) -> tuple[i
     entry = text[text.index(f"entry function '{compiled.metadata.name}'"):]  # its statistics, not a callee's
     regs = int(re.search(r"Used (\d+) registers", entry).group(1))
     stores, loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry).groups())
-    return compiled.metadata.shared, regs, stores, loads
+    mma = len(MMA_INSTRUCTION.findall(compiled.asm["sass"]))  # disassembled by the bundled cuobjdump
+    return compiled.metadata.shared, regs, stores, loads, mma
 
 
 def _launch(case: Case, arch: gpu_arch.Arch):
@@ -138,8 +163,8 @@ def _measure_one(case: Case) -> Row:
     arch = _archs()[case.arch]
     start = time.perf_counter()
     kernel, _, args, kwargs, programs = _launch(case, arch)
-    shared, regs, stores, loads = compile_usage(kernel, args, kwargs, arch.capability)
-    return Row(case, shared, regs, stores, loads, arch.blocks_per_sm(shared, regs, kwargs["num_warps"]), programs,
+    shared, regs, stores, loads, mma = compile_usage(kernel, args, kwargs, arch.capability)
+    return Row(case, shared, regs, stores, loads, mma, arch.blocks_per_sm(shared, regs, kwargs["num_warps"]), programs,
                time.perf_counter() - start)
 
 
@@ -176,8 +201,11 @@ def problems(rows: list[Row]) -> list[str]:
         name = f"{c.kernel} {c.dtype} C={c.channels} {c.mode} [{c.config}] on {c.arch}"
         if row.shared > arch.smem_per_block:
             found.append(f"{name}: {row.shared} B shared memory > {arch.smem_per_block} B per block")
-        if c.dtype in ("float16", "bfloat16") and row.spill_stores:
+        tolerated = AFFINITY_SPILLS_TOLERATED.get((c.arch, c.channels, c.mode), 0) if c.kernel == "affinity" else 0
+        if (c.kernel == "affinity" or c.dtype in ("float16", "bfloat16")) and row.spill_stores > tolerated:
             found.append(f"{name}: spills {row.spill_stores} B of registers")
+        if c.kernel == "affinity" and "tf32" in c.mode and not row.mma:
+            found.append(f"{name}: no tensor-core MMA instruction in its SASS")
         if row.programs_per_sm is not None and row.blocks_per_sm < row.programs_per_sm:
             found.append(f"{name}: {row.blocks_per_sm} programs fit on an SM, the launcher starts "
                          f"{row.programs_per_sm} per SM")
@@ -188,13 +216,13 @@ def table(rows: list[Row]) -> str:
     """The rows as a fixed-width text table."""
     archs = _archs()
     header = ("kernel", "dtype", "C", "mode", "config", "arch", "shared B", "limit B", "regs", "spill B",
-              "fit/SM")
+              "MMA", "fit/SM")
     lines = [header]
     for row in rows:
         c = row.case
         fit = str(row.blocks_per_sm) + (f" (runs {row.programs_per_sm})" if row.programs_per_sm else "")
         lines.append((c.kernel, c.dtype, c.channels, c.mode, c.config, c.arch, str(row.shared),
-                      str(archs[c.arch].smem_per_block), str(row.regs), str(row.spill_stores), fit))
+                      str(archs[c.arch].smem_per_block), str(row.regs), str(row.spill_stores), str(row.mma), fit))
     return _format(lines)
 
 
@@ -216,7 +244,7 @@ def device_table(device: str = "cuda") -> str:
         args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
         compiled = kernel[grid](*args, **kwargs)
         torch.cuda.synchronize(device)
-        shared, regs, stores, _ = compile_usage(kernel, args, kwargs, arch.capability)
+        shared, regs, stores, _, _ = compile_usage(kernel, args, kwargs, arch.capability)
         lines.append((case.kernel, case.dtype, case.channels, case.mode, case.config, case.arch, str(shared),
                       str(compiled.metadata.shared), str(regs), str(compiled.n_regs), str(stores),
                       str(compiled.n_spills)))
@@ -239,6 +267,8 @@ def main(argv=None) -> int:
         print(json.dumps([{**r._asdict(), "case": {**r.case._asdict(), "build": None}} for r in rows]))
         return 0
     print(table(rows))
+    if "affinity" in args.kernels:
+        print("\n" + affinity_cost.table())
     found = problems(rows)
     print("\n".join(["", *found]) if found else f"\nall {len(rows)} launches fit their budgets")
     return 1 if found else 0

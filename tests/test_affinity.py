@@ -390,3 +390,74 @@ def test_real_features_student_close_to_teacher(backend, span_features):
     student = teacher + 1e-2 * teacher.std() * torch.randn_like(teacher)
     assert_matches_reference(backend, student.requires_grad_(), teacher.clone().requires_grad_(),
                              loss_tol=3e-5 if backend.interpreted else None)
+
+
+# --- several pairs in one launch; the tf32x3 error model --------------------------------------
+
+
+def test_pairs_in_one_launch_equal_the_sum_over_pairs(backend):
+    """spatial_affinity_loss_pairs (channels differing between pairs, one launch) = Σ of the
+    per-pair losses, values and gradients; the teacher maps get no gradient."""
+    from dsclora_kernels import spatial_affinity_loss_pairs
+
+    shapes = [(26, 28), (5, 3), (26, 28), (17, 40)]
+    students = [torch.randn(2, cs, 5, 7, device=backend.device, requires_grad=True) for cs, _ in shapes]
+    teachers = [torch.randn(2, ct, 5, 7, device=backend.device).relu() for _, ct in shapes]
+    with backend.run(), _launches.counting() as launched:
+        loss = spatial_affinity_loss_pairs(students, teachers)
+        grads = torch.autograd.grad(loss, students)
+    assert backend.name != "triton" or launched["affinity_l1"] == 1
+    total = sum(spatial_affinity_loss_reference(s.detach().double(), t.double()) for s, t in zip(students, teachers))
+    loss_tol, grad_tol = backend.tolerances()
+    assert abs(loss.item() - total.item()) <= loss_tol * total.item()
+    for s, t, g in zip(students, teachers, grads):
+        s64 = s.detach().double().requires_grad_()
+        (expected_grad,) = torch.autograd.grad(spatial_affinity_loss_reference(s64, t.double()), s64)
+        assert g.shape == s.shape and relative(g, expected_grad) <= grad_tol
+    with pytest.raises(ValueError, match=r"pair 2 has \(2, 5, 6, 7\)"):
+        spatial_affinity_loss_pairs(students[:2], [teachers[0], torch.randn(2, 5, 6, 7)])
+
+
+def _round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> the nearest TF32 value (10 stored mantissa bits, ties away from zero: cvt.rna)."""
+    bits = x.float().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _tf32x3_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """aᵀb (float32 (C, N) operands) as three TF32 products in the split form a = big + small, each
+    product exact (float64 here), summed in float32: what tl.dot(input_precision="tf32x3") does up
+    to the tensor cores' accumulation order."""
+    def split(x):
+        big = _round_to_tf32(x)
+        return big, _round_to_tf32(x - big)
+
+    (a_big, a_small), (b_big, b_small) = split(a), split(b)
+    parts = [(a_small, b_big), (a_big, b_small), (a_big, b_big)]
+    total = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float32)
+    for x, y in parts:
+        total += (x.double().T @ y.double()).float()
+    return total
+
+
+@pytest.mark.parametrize("case", ["unrelated", "close", "flat"])
+def test_tf32x3_error_within_the_tie_bound(case):
+    """The tf32x3 tie bound of affinity._tie_bound covers the error of D computed the tf32x3 way
+    (TF32 emulated by rounding the mantissas; the interpreter does not emulate it), with margin,
+    on unrelated features, a student within 1e-3 of the teacher, and flat images."""
+    torch.manual_seed(0)
+    if case == "flat":
+        student, teacher = (torch.randn(1, c, 1, 1) * (torch.rand(1, 1, 16, 16) + 0.5) for c in (26, 28))
+    else:
+        teacher = torch.randn(1, 28, 16, 16)
+        student = torch.randn(1, 26, 16, 16) if case == "unrelated" else teacher[:, :26] + 1e-3 * torch.randn(1, 26, 16, 16)
+    prepared = [affinity._normalise(f, 1e-8, torch.float32) for f in (student, teacher)]
+    exact = affinity._differences(*prepared, 1e-8)[0]
+    xs, xt = (p.xhat[0] for p in prepared)
+    computed = (_tf32x3_gram(xs, xs) - _tf32x3_gram(xt, xt)).double()
+    error = (computed - exact).abs().max().item()
+    bound = affinity._tie_bound(prepared, "tf32x3")
+    assert 0 < error <= bound / 4, (error, bound)  # measured: well inside (the bound is worst-case)
+    one_tf32 = ((_round_to_tf32(xs).double().T @ _round_to_tf32(xs).double())
+                - (_round_to_tf32(xt).double().T @ _round_to_tf32(xt).double()) - exact).abs().max().item()
+    assert one_tf32 > bound  # a single TF32 product is far outside it: why "tf32" is not refined

@@ -18,7 +18,11 @@ def test_every_triton_launch_fits_every_gpu():
     affinity_modes = {(d, ch, m) for k, d, ch, m, a in covered if k == "affinity"}
     for dtype, channels, mode in affinity_modes:  # some config of each mode is left on each architecture
         assert all(("affinity", dtype, channels, mode, a.name) in covered for a in gpu_arch.ARCHS), (dtype, mode)
-    assert len(affinity_modes) == len(triton_budget.AFFINITY_CHANNELS) * (3 * 3 + 3)  # fp32: 3 precisions
+    # fp32: 3 precisions x (no gradient, student gradient); fp64: ieee x 2
+    assert len(affinity_modes) == len(triton_budget.AFFINITY_CHANNELS) * (3 * 2 + 2)
+    for row in rows:  # TF32 products run on tensor cores: HMMA (sm_8x) or HGMMA (sm_90) in the SASS
+        if row.case.kernel == "affinity":
+            assert (row.mma > 0) == ("tf32" in row.case.mode), row.case
     problems = triton_budget.problems(rows)
     assert not problems, "\n".join(problems)
 
@@ -26,7 +30,7 @@ def test_every_triton_launch_fits_every_gpu():
 def test_the_budget_check_catches_what_does_not_fit():
     """problems() flags shared memory over the limit, 16-bit spills and too few resident programs."""
     case = triton_budget.Case("spab", "float16", "26", "forward", "test", "sm_86", ())
-    fits = triton_budget.Row(case, shared=101_376, regs=255, spill_stores=0, spill_loads=0, blocks_per_sm=2,
+    fits = triton_budget.Row(case, shared=101_376, regs=255, spill_stores=0, spill_loads=0, mma=0, blocks_per_sm=2,
                              programs_per_sm=2, seconds=0.0)
     assert triton_budget.problems([fits]) == []
     for bad, match in [(dict(shared=101_377), "shared memory"), (dict(spill_stores=4), "spills"),
@@ -34,7 +38,13 @@ def test_the_budget_check_catches_what_does_not_fit():
         (problem,) = triton_budget.problems([fits._replace(**bad)])
         assert match in problem and "sm_86" in problem
     fp32_spill = fits._replace(case=case._replace(dtype="float32"), spill_stores=4)
-    assert triton_budget.problems([fp32_spill]) == []  # fp32 may spill (tf32x3 splits its operands)
+    assert triton_budget.problems([fp32_spill]) == []  # an fp32 SPAB launch may spill
+    affinity = case._replace(kernel="affinity", dtype="float32", mode="grad s, tf32x3, exact signs")
+    assert triton_budget.problems([fits._replace(case=affinity, mma=24)]) == []
+    (problem,) = triton_budget.problems([fits._replace(case=affinity, mma=24, spill_stores=4)])
+    assert "spills" in problem  # no affinity launch may spill
+    (problem,) = triton_budget.problems([fits._replace(case=affinity)])
+    assert "no tensor-core MMA" in problem
 
 
 def test_resident_blocks_per_sm():
