@@ -7,7 +7,7 @@ has the same SMs and clocks, more memory bandwidth): TF32 tensor cores 495 TFLOP
 to 400 like the measured bf16 matmul (800 of 989); fp32 CUDA cores 67 TFLOP/s (33.5 T lane
 instructions/s); fp64 CUDA cores 34 TFLOP/s; copy 3.0 (H100) / 4.3 (H200) TB/s.
 Work per entry (i, j) of D = S − T: the Gram products 2·(Cs + Ct) and G += sign(D) x̂_j 2·Cs
-FLOPs, each x3 for tf32x3, channels padded like the kernel; ``ELEMENTWISE`` CUDA-core lane
+FLOPs, x3 and x2 for tf32x3, channels padded like the kernel; ``ELEMENTWISE`` CUDA-core lane
 instructions (|D|, row sum, tie test, sign, the sign operand's conversion); tiles holding an
 entry with |D| < tie bound are recomputed in float64 (Cs + Ct FMAs per entry), their fraction
 estimated for unrelated features (D ≈ Gaussian with variance 1/Cs + 1/Ct) plus the diagonal
@@ -60,8 +60,8 @@ def cost(batch: int, n: int, cs: int, ct: int, precision: str, arch: gpu_arch.Ar
     """The cost of ``spatial_affinity_loss`` fwd + student gradient on float32 (B, Cs|Ct, N) features."""
     csp, ctp = affinity_triton.channel_padding(cs), affinity_triton.channel_padding(ct)
     entries = batch * n * n
-    products = 3 if precision == "tf32x3" else 1
-    flops = entries * 2 * (csp + ctp + csp) * products
+    gram_products, gradient_products = (3, 2) if precision == "tf32x3" else (1, 1)
+    flops = entries * 2 * ((csp + ctp) * gram_products + csp * gradient_products)
     tie_bound = affinity.tie_bound_for(cs, ct, precision)
     meta = dict(CS_PAD=csp, CT_PAD=ctp, PRECISION=precision)
     block = affinity_triton.launch_block(arch, meta, 4)

@@ -41,10 +41,10 @@ INTERPRETER_BLOCK = 64
 #: shared memory fits (tests/test_triton_budget.py checks each). A fixed table, no runtime
 #: autotuning: its benchmark buffers cost the first call 270 MB on an H200 (issue 19).
 #: sm_90 compiles tf32 products to warpgroup MMAs (HGMMA) with fewer registers, so it takes 128-row
-#: blocks; sm_8x (HMMA) needs 64-row blocks and 8 warps to stay clear of spills.
+#: blocks; sm_8x (HMMA) needs 64-row blocks (8 warps on sm_80; sm_86 / sm_89 spill least with 4).
 SMALL_BLOCK = (32, 32, 8, 2)
 LAUNCH_BLOCKS = {
-    "tf32x3": {90: (128, 32, 8, 2), None: (64, 32, 8, 2)},
+    "tf32x3": {90: (128, 32, 8, 2), 86: (64, 32, 4, 2), 89: (64, 32, 4, 2), None: (64, 32, 8, 2)},
     "tf32": {90: (128, 64, 8, 2), None: (64, 32, 8, 2)},
     "ieee": {None: SMALL_BLOCK},
     "fp64": {None: SMALL_BLOCK},
@@ -141,7 +141,12 @@ if triton is not None:
                 loss += tl.sum(tl.abs(d) * weight[None, :], axis=1).to(tl.float64)
             if GRAD_S:  # sign(D) is exact in any input precision; only x̂_s is rounded
                 sign = (tl.where(d > 0, 1.0, 0.0) - tl.where(d < 0, 1.0, 0.0)).to(dtype)
-                gs = tl.dot(sign, tl.trans(xs_j), gs, input_precision=PRECISION, out_dtype=dtype)
+                if PRECISION == "tf32x3":  # two TF32 products on x̂ = big + small (error ≤ 2⁻²⁰|x̂|)
+                    big = (xs_j.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                    gs = tl.dot(sign, tl.trans(big), gs, input_precision="tf32")
+                    gs = tl.dot(sign, tl.trans(xs_j - big), gs, input_precision="tf32")
+                else:
+                    gs = tl.dot(sign, tl.trans(xs_j), gs, input_precision=PRECISION, out_dtype=dtype)
         tl.store(ROW_LOSS + image * N + rows, loss, mask=row_ok)
         if GRAD_S:
             tl.store(GS + image * CS * N + cs[None, :] * N + rows[:, None], gs, mask=(cs[None, :] < CS) & row_ok[:, None])
