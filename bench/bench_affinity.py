@@ -16,7 +16,9 @@ Peak memory is the extra over the inputs:
 Times are the best of a few repetitions, baseline and fused measured in the same run. On the GPU,
 achieved TFLOP/s counts 2·B·N²·(Cs + Ct + Cs) (D = S − T and the student gradient) against the
 peak of the ``tl.dot`` precision (H100/H200 SXM datasheet: fp32 FMA 67, TF32 495 TFLOP/s dense;
-3xTF32 ≈ 495 / 3).
+3xTF32 ≈ 495 / 3). The GPU table ends with a training step's six feature pairs, one call per pair
+vs one launch (``spatial_affinity_loss_pairs``). ``cuda_rows`` and ``cuda_pairs_row`` return the
+figures as dicts (bench/gpu_perf.py).
 
 ``--ties`` times the C++ op's fwd + bwd (CPU, sizes 32 64 128 by default) on inputs with many or
 only ties |D| < tie bound, whose signs the float64 recomputation decides (CASES), next to unrelated
@@ -33,7 +35,7 @@ import time
 
 import torch
 
-from dsclora_kernels import spatial_affinity_loss, spatial_affinity_loss_reference
+from dsclora_kernels import spatial_affinity_loss, spatial_affinity_loss_pairs, spatial_affinity_loss_reference
 from dsclora_kernels.affinity import DEFAULT_PRECISION, PRECISIONS
 
 CS, CT = 26, 28
@@ -163,26 +165,53 @@ def ties_table(batch: int, sizes: list[int], baseline_python: str | None) -> Non
 # --- GPU: CUDA events, allocator statistics ---------------------------------------------------
 
 
+def _cuda_best_ms(fn, reps: int = 5) -> float:
+    """Best of ``reps`` timed calls of fn() (CUDA events), after one warm-up call (compilation)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return min(times)
+
+
 def gpu_measure(method: str, batch: int, side: int, precision: str = DEFAULT_PRECISION, reps: int = 5):
     try:
         student, teacher = inputs(batch, side, "cuda")
-        step(method, student, teacher, precision)  # warm-up (compilation)
+        step(method, student, teacher, precision)  # warm-up (compilation) before the memory baseline
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(method, student, teacher, precision)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return {"ms": min(times), "extra_bytes": torch.cuda.max_memory_allocated() - base}
+        ms = _cuda_best_ms(lambda: step(method, student, teacher, precision), reps)
+        return {"ms": ms, "extra_bytes": torch.cuda.max_memory_allocated() - base}
     except torch.OutOfMemoryError:
         return None
     finally:
         torch.cuda.empty_cache()
+
+
+def cuda_pairs_row(batch: int = 16, side: int = 64, pairs: int = 6, precision: str = DEFAULT_PRECISION) -> dict:
+    """A training step's affinity term on CUDA, fwd + bwd: ``pairs`` feature pairs (B, 26|28, side,
+    side) as one call per pair (per_pair_ms) and as one launch (one_launch_ms,
+    spatial_affinity_loss_pairs), measured interleaved in this run."""
+    features = [inputs(batch, side, "cuda", seed=seed) for seed in range(pairs)]
+    students, teachers = [s for s, _ in features], [t for _, t in features]
+
+    def per_pair():
+        sum(spatial_affinity_loss(s, t, precision=precision) for s, t in features).backward()
+
+    def one_launch():
+        spatial_affinity_loss_pairs(students, teachers, precision=precision).backward()
+
+    best = {"per_pair_ms": float("inf"), "one_launch_ms": float("inf")}
+    for _ in range(3):  # interleaved rounds
+        best["per_pair_ms"] = min(best["per_pair_ms"], _cuda_best_ms(per_pair, 3))
+        best["one_launch_ms"] = min(best["one_launch_ms"], _cuda_best_ms(one_launch, 3))
+    return dict(best, batch=batch, side=side, pairs=pairs, precision=precision)
 
 
 def cuda_rows(batch: int = 8, sizes=(64, 128, 256), precisions=PRECISIONS, naive: bool = True) -> list[dict]:
@@ -212,6 +241,9 @@ def gpu_table(batch: int, sizes: list[int]) -> None:
         print(f"{side:>5} {side * side:>7} {row['precision']:>9} | {naive_cols} | {row['ms']:>8.2f} "
               f"{megabytes(row['extra_bytes']):>9} | {ratio} | {row['tflops']:>7.1f} "
               f"{row['tflops'] / PEAK_TFLOPS[row['precision']]:>6.0%}", flush=True)
+    pairs = cuda_pairs_row()
+    print(f"six pairs (B={pairs['batch']}, {pairs['side']}x{pairs['side']}, {pairs['precision']}), fwd + bwd: "
+          f"one call per pair {pairs['per_pair_ms']:.2f} ms, one launch {pairs['one_launch_ms']:.2f} ms")
 
 
 def main() -> None:
