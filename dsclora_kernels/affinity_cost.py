@@ -9,7 +9,8 @@ instructions/s); fp64 CUDA cores 34 TFLOP/s; copy 3.0 (H100) / 4.3 (H200) TB/s.
 Work per entry (i, j) of D = S − T: the Gram products 2·(Cs + Ct) and G += sign(D) x̂_j 2·Cs
 FLOPs, x3 and x2 for tf32x3, channels padded like the kernel; ``ELEMENTWISE`` CUDA-core lane
 instructions (|D|, row sum, tie test, sign, the sign operand's conversion); tiles holding an
-entry with |D| < tie bound are recomputed in float64 (Cs + Ct FMAs per entry), their fraction
+entry with |D| < tie bound are recomputed in float64 (Cs + Ct FMAs per entry; tf32x3: 16-row
+chunks of tiles), their fraction
 estimated for unrelated features (D ≈ Gaussian with variance 1/Cs + 1/Ct) plus the diagonal
 tiles (D_ii ≈ 0 always). The parts are added (no overlap): an upper estimate of an ideal kernel.
 ``IEEE_MEASURED`` holds the H200 measurements of the "ieee" kernel (issue 19) for calibration.
@@ -35,7 +36,7 @@ class Cost(NamedTuple):
     tensor_flops: float
     cuda_core_flops: float  # fp32 products when precision is "ieee"
     refine_fma: float  # float64 FMAs of the tie refinement
-    refined_tiles: float  # fraction of tiles recomputed
+    refined_tiles: float  # fraction of tiles (tf32x3: 16-row chunks) recomputed
     dram_bytes: float
     l2_bytes: float
 
@@ -44,15 +45,15 @@ class Cost(NamedTuple):
                 + 2 * self.refine_fma / FP64_FLOPS + self.dram_bytes / COPY_BYTES_PER_S[gpu] + OVERHEAD_S)
 
 
-def refined_fraction(cs: int, ct: int, n: int, block: tuple, tie_bound: float) -> float:
-    """Fraction of (BLOCK_I x BLOCK_J) tiles with an entry |D| < tie_bound, unrelated features."""
+def refined_fraction(cs: int, ct: int, n: int, rows: int, cols: int, tie_bound: float) -> float:
+    """Fraction of the (rows x cols) pieces the kernel refines at once (tiles, or 16-row chunks of
+    them for tf32x3) with an entry |D| < tie_bound, for unrelated features."""
     if tie_bound == 0:
         return 0.0
     sigma = math.sqrt(1 / cs + 1 / ct)
     p_entry = 2 * tie_bound / (sigma * math.sqrt(2 * math.pi))
-    block_i, block_j = block[:2]
-    off_diagonal = 1 - (1 - p_entry) ** (block_i * block_j)
-    diagonal = min(1.0, block_i / n)  # tiles crossing the diagonal: D_ii = 1 − 1
+    off_diagonal = 1 - (1 - p_entry) ** (rows * cols)
+    diagonal = min(1.0, max(rows, cols) / n)  # pieces crossing the diagonal: D_ii = 1 − 1
     return diagonal + (1 - diagonal) * off_diagonal
 
 
@@ -65,7 +66,8 @@ def cost(batch: int, n: int, cs: int, ct: int, precision: str, arch: gpu_arch.Ar
     tie_bound = affinity.tie_bound_for(cs, ct, precision)
     meta = dict(CS_PAD=csp, CT_PAD=ctp, PRECISION=precision)
     block = affinity_triton.launch_block(arch, meta, 4)
-    refined = refined_fraction(cs, ct, n, block, tie_bound)
+    refine_rows = min(affinity_triton.REFINE_ROWS, block[0]) if precision == "tf32x3" else block[0]
+    refined = refined_fraction(cs, ct, n, refine_rows, block[1], tie_bound)
     dram = 4 * batch * n * (cs + ct) * 10  # ~10 passes: prepare, kernel, gradient epilogue
     l2 = 4 * batch * n * (cs + ct) * math.ceil(n / block[0])  # every program sweeps all columns
     return Cost(flops if precision != "ieee" else 0.0, entries * ELEMENTWISE * 2 + (flops if precision == "ieee" else 0),

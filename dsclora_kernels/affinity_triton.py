@@ -5,7 +5,8 @@ One program per (row block I, image b) sweeps all column blocks J, like flash-at
 ``G[:, I] += x̂[:, J] sign(D)ᵀ``. Each program owns its rows of G and of the loss: no atomics,
 deterministic. Without gradients, only blocks J ≥ I are visited (D is symmetric). With gradients,
 entries closer to a tie than the rounding error (|D| < tie_bound) are recomputed in float64 from
-the raw features, in the tiles that have any, so every sign is exact.
+the raw features, in the tiles that have any (tf32x3: in the 16-row chunks of a tile that have
+any), so every sign is exact.
 Channels are padded to a power of two (≥ 16, the smallest ``tl.dot`` size) inside the kernel.
 
 Precision of the float32 products (``precision``, the ``input_precision`` of ``tl.dot``), on
@@ -41,10 +42,13 @@ INTERPRETER_BLOCK = 64
 #: shared memory fits (tests/test_triton_budget.py checks each). A fixed table, no runtime
 #: autotuning: its benchmark buffers cost the first call 270 MB on an H200 (issue 19).
 #: sm_90 compiles tf32 products to warpgroup MMAs (HGMMA) with fewer registers, so it takes 128-row
-#: blocks; sm_8x (HMMA) needs 64-row blocks (8 warps on sm_80; sm_86 / sm_89 spill least with 4).
+#: blocks; sm_8x (HMMA) needs 64-row blocks (sm_86 / sm_89: 16-column blocks and 4 warps).
 SMALL_BLOCK = (32, 32, 8, 2)
+#: Rows of a tile the tf32x3 kernel recomputes at once where a tile holds ties (the expected
+#: refinement work per entry scales with rows x BLOCK_J; 16 is the smallest tl.dot-friendly size).
+REFINE_ROWS = 16
 LAUNCH_BLOCKS = {
-    "tf32x3": {90: (128, 32, 8, 2), 86: (64, 32, 4, 2), 89: (64, 32, 4, 2), None: (64, 32, 8, 2)},
+    "tf32x3": {90: (128, 32, 8, 2), 86: (64, 16, 4, 2), 89: (64, 16, 4, 2), None: (64, 32, 8, 2)},
     "tf32": {90: (128, 64, 8, 2), None: (64, 32, 8, 2)},
     "ieee": {None: SMALL_BLOCK},
     "fp64": {None: SMALL_BLOCK},
@@ -92,13 +96,31 @@ if triton is not None:
             acc += a[:, None] * b[None, :]
         return acc
 
+    @triton.jit
+    def _refine_ties(d, tie, FS, FT, RS, RT, CS, CT, N, row0, cols, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                     CHUNK: tl.constexpr):
+        """d (BLOCK_I, BLOCK_J) with its tied entries replaced by float64 values, recomputed CHUNK
+        rows at a time and only for the chunks holding a tie (the expected work of the refinement
+        shrinks with the chunk, not the tile)."""
+        d3 = tl.reshape(d, (BLOCK_I // CHUNK, CHUNK, BLOCK_J))
+        tie3 = tl.reshape(tie, (BLOCK_I // CHUNK, CHUNK, BLOCK_J))
+        chunk = tl.arange(0, BLOCK_I // CHUNK)
+        for k in tl.static_range(BLOCK_I // CHUNK):
+            here = (chunk == k)[:, None, None] & tie3
+            if tl.max(tl.max(tl.max(here.to(tl.int32), axis=2), axis=1), axis=0) > 0:
+                rows = row0 + k * CHUNK + tl.arange(0, CHUNK)
+                exact = _exact_affinity(FS, RS, CS, N, rows, cols, CHUNK, BLOCK_J)
+                exact -= _exact_affinity(FT, RT, CT, N, rows, cols, CHUNK, BLOCK_J)
+                d3 = tl.where(here, exact.to(d.dtype)[None, :, :], d3)
+        return tl.reshape(d3, (BLOCK_I, BLOCK_J))
+
     # N, CS, CT not specialised: one compiled kernel per configuration whatever the image size
     # (the tiles are compute-bound: x̂ loads without N's divisibility cost little).
     @triton.jit(do_not_specialize=["N", "CS", "CT", "TIE_BOUND"])
     def _affinity_l1_kernel(
         XS, XT, GS, FS, FT, RS, RT, ROW_LOSS, N, CS, CT, TIE_BOUND,
         CS_PAD: tl.constexpr, CT_PAD: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-        GRAD_S: tl.constexpr, PRECISION: tl.constexpr, EXACT_SIGNS: tl.constexpr,
+        GRAD_S: tl.constexpr, PRECISION: tl.constexpr, EXACT_SIGNS: tl.constexpr, REFINE_ROWS: tl.constexpr,
     ):
         block = tl.program_id(0)
         image = tl.program_id(1).to(tl.int64)
@@ -131,9 +153,13 @@ if triton is not None:
             if EXACT_SIGNS:  # recompute near-ties in float64 from the raw features
                 tie = tl.abs(d) < TIE_BOUND
                 if tl.max(tie.to(tl.int32)) > 0:
-                    exact = _exact_affinity(FS, RS, CS, N, rows, cols, BLOCK_I, BLOCK_J)
-                    exact -= _exact_affinity(FT, RT, CT, N, rows, cols, BLOCK_I, BLOCK_J)
-                    d = tl.where(tie, exact.to(dtype), d)
+                    if PRECISION == "tf32x3":  # in row chunks (the "ieee" kernel would spill with them)
+                        d = _refine_ties(d, tie, FS, FT, RS, RT, CS, CT, N, block * BLOCK_I, cols, BLOCK_I, BLOCK_J,
+                                         REFINE_ROWS)
+                    else:  # the whole tile
+                        exact = _exact_affinity(FS, RS, CS, N, rows, cols, BLOCK_I, BLOCK_J)
+                        exact -= _exact_affinity(FT, RT, CT, N, rows, cols, BLOCK_I, BLOCK_J)
+                        d = tl.where(tie, exact.to(dtype), d)
             if GRAD_S:
                 loss += tl.sum(tl.abs(d), axis=1).to(tl.float64)
             else:  # pairs inside the diagonal square once (both orders are in it), the rest twice
@@ -171,13 +197,14 @@ def _launch(xs, xt, grad_s: bool, precision: str, tie_bound: float, eps: float):
     """One kernel launch: (Σ_ij |D_ij| as a float64 scalar, G_s or None)."""
     args, meta, (row_loss, gs) = _kernel_call(xs, xt, grad_s, precision, tie_bound, eps)
     batch, n = row_loss.shape
-    if triton_interpreting():
-        block = (INTERPRETER_BLOCK, INTERPRETER_BLOCK // 2, 4, 2)
+    if triton_interpreting():  # two refinement chunks per block: the chunk logic, at the interpreter's pace
+        block, refine_rows = (INTERPRETER_BLOCK, INTERPRETER_BLOCK // 2, 4, 2), INTERPRETER_BLOCK // 2
     else:
         block = launch_block(gpu_arch.device_arch(xs.xhat.device)[0], meta, xs.xhat.element_size())
+        refine_rows = min(REFINE_ROWS, block[0])
     block_i, block_j, warps, stages = block
     _affinity_l1_kernel[(triton.cdiv(n, block_i), batch)](
-        *args, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=warps, num_stages=stages, **meta)
+        *args, BLOCK_I=block_i, BLOCK_J=block_j, REFINE_ROWS=refine_rows, num_warps=warps, num_stages=stages, **meta)
     _launches.record("affinity_l1")
     return row_loss.sum(), gs
 
@@ -244,4 +271,5 @@ def aot_launch(cs: int, ct: int, dtype: torch.dtype, grad_s: bool, precision: st
     bi, bj, warps, stages = block
     batch, n = args[7].shape  # row_loss
     grid = (triton.cdiv(n, bi), batch)
-    return _affinity_l1_kernel, grid, args, dict(meta, BLOCK_I=bi, BLOCK_J=bj, num_warps=warps, num_stages=stages)
+    return _affinity_l1_kernel, grid, args, dict(meta, BLOCK_I=bi, BLOCK_J=bj, REFINE_ROWS=min(REFINE_ROWS, bi),
+                                                 num_warps=warps, num_stages=stages)
