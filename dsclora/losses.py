@@ -13,24 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsclora_kernels._log import fallback
+from dsclora_kernels import spatial_affinity_loss_pairs
 
 RECONSTRUCTIONS = ("l1", "l2")
-
-
-def _affinity_sum():
-    """Σ over feature pairs of the affinity loss: the fused op (one kernel launch for all pairs of
-    one size), or the plain-PyTorch reference pair by pair (logged) if it is missing."""
-    try:
-        from dsclora_kernels import spatial_affinity_loss, spatial_affinity_loss_pairs  # noqa: F401
-        return spatial_affinity_loss_pairs
-    except ImportError as exc:
-        from dsclora_kernels import spatial_affinity_loss_reference
-
-        fallback("affinity:losses", f"fused spatial_affinity_loss is not importable ({exc}); "
-                 "using the O(N^2)-memory reference")
-        return lambda features_s, features_t: torch.stack(
-            [spatial_affinity_loss_reference(f_s, f_t) for f_s, f_t in zip(features_s, features_t)]).sum()
 
 
 def _full_precision(t: torch.Tensor) -> torch.Tensor:
@@ -51,8 +36,7 @@ def affinity_distillation(features_s: list[torch.Tensor], features_t: list[torch
         # Computed in at least float32 even under bf16 autocast (sign flips otherwise).
         students.append(_full_precision(f_s))
         teachers.append(_full_precision(f_t.detach()))
-    affinity_sum = _affinity_sum()
-    return torch.stack([affinity_sum(students, teachers) for students, teachers in groups.values()]).sum()
+    return torch.stack([spatial_affinity_loss_pairs(s, t) for s, t in groups.values()]).sum()
 
 
 class DSCLoRALoss(nn.Module):

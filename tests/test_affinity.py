@@ -14,7 +14,9 @@ import torch
 
 import dsclora
 from dsclora_kernels import _extension, _launches, spatial_affinity_loss, spatial_affinity_loss_reference, use_backend
-from dsclora_kernels import affinity
+from dsclora_kernels.affinity import cpu as affinity_cpu
+from dsclora_kernels.affinity import prepare
+from dsclora_kernels.affinity import reference as affinity_reference
 
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4  # relative loss error, relative L2 error of each gradient
 # The interpreted Triton kernel (exact fp32 products, float64 sums): about 4x the largest errors
@@ -252,13 +254,16 @@ def test_gpu_launch_configuration_is_a_table_not_autotuned():
     """The first call must not pay an autotuner's benchmark buffers (270 MB on an H200, issue 19):
     no autotuner in the module, and every architecture x precision has one block that fits."""
     triton = pytest.importorskip("triton")
-    from dsclora_kernels import affinity_triton, gpu_arch
+    from dsclora_kernels import gpu_arch
+    from dsclora_kernels.affinity import PRECISIONS
+    from dsclora_kernels.affinity import triton as affinity_triton
+    from dsclora_kernels.triton_support import padded_channels
 
     assert not any(isinstance(v, triton.runtime.Autotuner) for v in vars(affinity_triton).values())
     for arch in gpu_arch.ARCHS:
         for cs, ct in ((26, 28), (48, 52), (3, 200)):
-            for precision in affinity.PRECISIONS:
-                meta = dict(CS_PAD=affinity_triton.channel_padding(cs), CT_PAD=affinity_triton.channel_padding(ct),
+            for precision in PRECISIONS:
+                meta = dict(CS_PAD=padded_channels(cs), CT_PAD=padded_channels(ct),
                             PRECISION=precision)
                 for itemsize in (4, 8):
                     block = affinity_triton.launch_block(arch, meta, itemsize)
@@ -274,10 +279,10 @@ def test_instruction_sets_agree(cpu_isa, dtype):
         pytest.skip(_extension.status("affinity"))
     student, teacher = features(2, 26, 28, 9, 13, dtype=dtype)
     n = student.shape[2] * student.shape[3]
-    prepared = [affinity._normalise(f.detach(), 1e-8, dtype, module.leading_dimension(n)) for f in (student, teacher)]
-    unpadded = [affinity._normalise(f.detach(), 1e-8, dtype) for f in (student, teacher)]
-    total, gs, gt = affinity._pass_reference(*unpadded, True, True, "ieee", 1e-8)
-    got_total, got_gs, got_gt = affinity._pass_cpp(*prepared, True, True, "ieee", 1e-8)
+    prepared = [prepare.normalise(f.detach(), 1e-8, dtype, module.leading_dimension(n)) for f in (student, teacher)]
+    unpadded = [prepare.normalise(f.detach(), 1e-8, dtype) for f in (student, teacher)]
+    total, gs, gt = affinity_reference.l1_pass(*unpadded, True, True, "ieee", 1e-8)
+    got_total, got_gs, got_gt = affinity_cpu.l1_pass(*prepared, True, True, "ieee", 1e-8)
     assert abs(got_total.item() - total.item()) <= 1e-6 * total.item()
     assert relative(got_gs[..., :n], gs) <= 1e-6 and relative(got_gt[..., :n], gt) <= 1e-6
     assert torch.count_nonzero(got_gs[..., n:]) == 0  # padding pixels get no gradient
@@ -310,12 +315,12 @@ def test_nearly_all_entries_tie(cpu_isa, case):
     else:
         student, teacher = (torch.randn(2, c, 1, 1) * (torch.rand(2, 1, 9, 11) + 0.5) for c in (26, 28))
     n = student.shape[2] * student.shape[3]
-    prepared = [affinity._normalise(f, 1e-8, torch.float32, module.leading_dimension(n)) for f in (student, teacher)]
-    d = affinity._differences(*prepared, 1e-8)
-    assert (d.abs() < affinity._tie_bound(prepared, "ieee")).double().mean() > 0.99
+    prepared = [prepare.normalise(f, 1e-8, torch.float32, module.leading_dimension(n)) for f in (student, teacher)]
+    d = prepare.differences(*prepared, 1e-8)
+    assert (d.abs() < prepare.tie_bound(prepared, "ieee")).double().mean() > 0.99
     # signs float64 decides: |D| well above its rounding error, ≤ (Cs + Ct)·2⁻⁵³ (unit vectors)
     resolved = d.abs() > 10 * (student.shape[1] + teacher.shape[1]) * 2.0**-53
-    _, *grads = affinity._pass_cpp(*prepared, True, True, "ieee", 1e-8)
+    _, *grads = affinity_cpu.l1_pass(*prepared, True, True, "ieee", 1e-8)
     if case == "close":  # (the diagonal, D_ii ≈ 0, is not resolved)
         for x, g in zip(prepared, grads):
             signs = torch.linalg.lstsq(x.xhat[..., :n].double(), g[..., :n].double()).solution
@@ -460,7 +465,7 @@ def _tf32x3_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", ["unrelated", "close", "flat"])
 def test_tf32x3_error_within_the_tie_bound(case):
-    """The tf32x3 tie bound of affinity._tie_bound covers the error of D computed the tf32x3 way
+    """The tf32x3 tie bound of prepare.tie_bound covers the error of D computed the tf32x3 way
     (TF32 emulated by rounding the mantissas; the interpreter does not emulate it), with margin,
     on unrelated features, a student within 1e-3 of the teacher, and flat images."""
     torch.manual_seed(0)
@@ -469,12 +474,12 @@ def test_tf32x3_error_within_the_tie_bound(case):
     else:
         teacher = torch.randn(1, 28, 16, 16)
         student = torch.randn(1, 26, 16, 16) if case == "unrelated" else teacher[:, :26] + 1e-3 * torch.randn(1, 26, 16, 16)
-    prepared = [affinity._normalise(f, 1e-8, torch.float32) for f in (student, teacher)]
-    exact = affinity._differences(*prepared, 1e-8)[0]
+    prepared = [prepare.normalise(f, 1e-8, torch.float32) for f in (student, teacher)]
+    exact = prepare.differences(*prepared, 1e-8)[0]
     xs, xt = (p.xhat[0] for p in prepared)
     computed = (_tf32x3_gram(xs, xs) - _tf32x3_gram(xt, xt)).double()
     error = (computed - exact).abs().max().item()
-    bound = affinity._tie_bound(prepared, "tf32x3")
+    bound = prepare.tie_bound(prepared, "tf32x3")
     assert 0 < error <= bound / 4, (error, bound)  # measured: well inside (the bound is worst-case)
     one_tf32 = ((_round_to_tf32(xs).double().T @ _round_to_tf32(xs).double())
                 - (_round_to_tf32(xt).double().T @ _round_to_tf32(xt).double()) - exact).abs().max().item()

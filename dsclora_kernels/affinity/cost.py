@@ -18,7 +18,10 @@ tiles (D_ii ≈ 0 always). The parts are added (no overlap): an upper estimate o
 import math
 from typing import NamedTuple
 
-from . import affinity, affinity_triton, gpu_arch
+from .. import gpu_arch
+from ..triton_support import padded_channels
+from . import PRECISIONS, triton as affinity_triton
+from .prepare import tie_bound_for
 
 TF32_FLOPS, FP32_FLOPS, FP64_FLOPS = 400e12, 67e12, 34e12
 LANE_INSTRUCTIONS = FP32_FLOPS / 2
@@ -59,11 +62,11 @@ def refined_fraction(cs: int, ct: int, n: int, rows: int, cols: int, tie_bound: 
 
 def cost(batch: int, n: int, cs: int, ct: int, precision: str, arch: gpu_arch.Arch = gpu_arch.arch(90)) -> Cost:
     """The cost of ``spatial_affinity_loss`` fwd + student gradient on float32 (B, Cs|Ct, N) features."""
-    csp, ctp = affinity_triton.channel_padding(cs), affinity_triton.channel_padding(ct)
+    csp, ctp = padded_channels(cs), padded_channels(ct)
     entries = batch * n * n
     gram_products, gradient_products = (3, 2) if precision == "tf32x3" else (1, 1)
     flops = entries * 2 * ((csp + ctp) * gram_products + csp * gradient_products)
-    tie_bound = affinity.tie_bound_for(cs, ct, precision)
+    tie_bound = tie_bound_for(cs, ct, precision)
     meta = dict(CS_PAD=csp, CT_PAD=ctp, PRECISION=precision)
     block = affinity_triton.launch_block(arch, meta, 4)
     refine_rows = min(affinity_triton.REFINE_ROWS, block[0]) if precision == "tf32x3" else block[0]
@@ -77,11 +80,11 @@ def cost(batch: int, n: int, cs: int, ct: int, precision: str, arch: gpu_arch.Ar
 def table(batch: int = 8, cs: int = 26, ct: int = 28, sides=(64, 128, 256)) -> str:
     """Predicted fwd + bwd times per precision and size next to the issue's targets."""
     lines = [f"affinity loss fwd + student gradient, B={batch}, {cs}/{ct} channels: cost model (UNMEASURED "
-             "predictions; see dsclora_kernels/affinity_cost.py)",
+             "predictions; see dsclora_kernels/affinity/cost.py)",
              f"{'H=W':>5} {'precision':>9} {'TC GFLOP':>9} {'CUDA-core GFLOP':>15} {'refined tiles':>13} "
              f"{'DRAM MB':>8} {'L2 MB':>8} {'H100 ms':>8} {'H200 ms':>8} {'target ms':>9}"]
     for side in sides:
-        for precision in affinity.PRECISIONS:
+        for precision in PRECISIONS:
             c = cost(batch, side * side, cs, ct, precision)
             lines.append(f"{side:>5} {precision:>9} {c.tensor_flops / 1e9:>9.0f} {c.cuda_core_flops / 1e9:>15.0f} "
                          f"{c.refined_tiles:>13.1%} {c.dram_bytes / 1e6:>8.1f} {c.l2_bytes / 1e6:>8.0f} "

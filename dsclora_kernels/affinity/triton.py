@@ -13,7 +13,7 @@ Precision of the float32 products (``precision``, the ``input_precision`` of ``t
 both products, D's Gram tiles and G = sign(D) x̂ (sign is exact in every input format):
 ``"tf32x3"`` (default) three TF32 tensor-core products (HMMA on sm_8x, HGMMA on sm_90) on split
 operands a = a_big + a_small, fp32 accumulation; exact signs by the tie refinement above, with
-the bound of ``affinity._tie_bound``. ``"ieee"`` fp32 FMAs on CUDA cores (≈ 7x slower on an
+the bound of ``prepare.tie_bound``. ``"ieee"`` fp32 FMAs on CUDA cores (≈ 7x slower on an
 H100), exact signs likewise. ``"tf32"`` one TF32 product (u = 2⁻¹¹): each S and T entry is off
 by up to ≈ 2⁻¹⁰ whatever C (Cauchy-Schwarz on unit vectors), so signs of entries with |D| below
 ≈ 2e-3 may flip and are not refined (the bound would cover ~1 % of entries, i.e. nearly every
@@ -24,14 +24,17 @@ from typing import NamedTuple
 
 import torch
 
-from . import _launches, gpu_arch
-from ._dispatch import triton_interpreting
+from .. import _launches, gpu_arch, triton_support
+from ..triton_support import padded_channels, triton_interpreting
+from .prepare import Normalised, normalise, tie_bound
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # dispatch never chooses "triton" without it (_dispatch.triton_status)
+except ImportError:  # the registry never chooses "triton" without it (triton_support.triton_status)
     triton = None
+
+NAME = "triton"
 
 #: Row block under the interpreter; its column block is half of it, so the rectangular-tile logic
 #: is what CI tests.
@@ -53,11 +56,6 @@ LAUNCH_BLOCKS = {
     "ieee": {None: SMALL_BLOCK},
     "fp64": {None: SMALL_BLOCK},
 }
-
-
-def channel_padding(c: int) -> int:
-    """Channels as the kernel holds them: a power of two, at least 16 (the smallest tl.dot size)."""
-    return max(16, triton.next_power_of_2(c))
 
 
 def shared_bound(block: tuple, meta: dict, itemsize: int) -> float:
@@ -188,7 +186,7 @@ def _kernel_call(xs, xt, grad_s: bool, precision: str, tie_bound: float, eps: fl
     rs, rt = (xs.inverse_norm(eps), xt.inverse_norm(eps)) if tie_bound > 0 else (gs, gs)  # unused unless exact
     row_loss = xs.xhat.new_empty(batch, n, dtype=torch.float64)  # Σ_j |D_ij| per row i
     args = (xs.xhat, xt.xhat, gs, xs.raw, xt.raw, rs, rt, row_loss, n, cs, ct, tie_bound)
-    meta = dict(CS_PAD=channel_padding(cs), CT_PAD=channel_padding(ct), GRAD_S=grad_s,
+    meta = dict(CS_PAD=padded_channels(cs), CT_PAD=padded_channels(ct), GRAD_S=grad_s,
                 PRECISION=precision, EXACT_SIGNS=tie_bound > 0)
     return args, meta, (row_loss, gs if grad_s else None)
 
@@ -212,7 +210,7 @@ def _launch(xs, xt, grad_s: bool, precision: str, tie_bound: float, eps: float):
 def affinity_l1_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_bound: float, eps: float):
     """Σ|S − T| (float64 scalar) and G = Σ_j sign(D_ij) x̂_j for student / teacher (or None).
 
-    xs, xt: prepared inputs (``affinity._Normalised``: x̂ (B, C, N) contiguous, raw F, norms).
+    xs, xt: prepared inputs (``prepare.Normalised``: x̂ (B, C, N) contiguous, raw F, norms).
     With tie_bound > 0, entries with |D| < tie_bound are recomputed in float64 (exact signs).
     The kernel computes the student's G only: the teacher's is the student G of the swapped pair
     (Σ|S − T| is symmetric and sign(T − S) = −sign(S − T)), a second launch when both are wanted
@@ -226,6 +224,26 @@ def affinity_l1_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_b
     return total, gs, gt
 
 
+# ---- the "triton" backend of the affinity loss ----
+
+def status(device: torch.device) -> str:
+    return triton_support.status(device)
+
+
+def unsupported(*features: torch.Tensor) -> None:
+    return None
+
+
+def leading_dimension(n: int) -> int:
+    return n
+
+
+def l1_pass(xs: Normalised, xt: Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float):
+    """Σ|S − T| and G_s, G_t (or None) with the kernel, signs exact (tie bound) with gradients."""
+    bound = tie_bound((xs, xt), precision) if grad_s or grad_t else 0.0
+    return affinity_l1_triton(xs, xt, grad_s, grad_t, precision, bound, eps)
+
+
 # ---- ahead-of-time compilation (triton_budget) ----
 
 class AotCase(NamedTuple):
@@ -236,26 +254,24 @@ class AotCase(NamedTuple):
 
 
 def _aot_inputs(cs: int, ct: int, dtype: torch.dtype, grad_s: bool, precision: str):
-    """The launch ``affinity._pass_triton`` makes for CUDA features (1, cs|ct, 32, 32) of ``dtype``,
+    """The launch ``l1_pass`` makes for CUDA features (1, cs|ct, 32, 32) of ``dtype``,
     built on CPU tensors: (arguments, constexprs)."""
-    from . import affinity
-
     eps = 1e-8
-    xs, xt = (affinity._normalise(torch.ones(1, c, 32, 32, dtype=dtype), eps, dtype) for c in (cs, ct))
-    tie_bound = affinity._tie_bound((xs, xt), precision) if grad_s else 0.0  # as _pass_triton
-    args, meta, _ = _kernel_call(xs, xt, grad_s, precision, tie_bound, eps)
+    xs, xt = (normalise(torch.ones(1, c, 32, 32, dtype=dtype), eps, dtype) for c in (cs, ct))
+    bound = tie_bound((xs, xt), precision) if grad_s else 0.0  # as l1_pass
+    args, meta, _ = _kernel_call(xs, xt, grad_s, precision, bound, eps)
     return args, meta
 
 
 def aot_cases(cs: int, ct: int, arch: gpu_arch.Arch) -> list[AotCase]:
     """Every launch of the kernel for cs / ct channels on ``arch``: dtypes, with or without the
     student gradient (a teacher gradient is the student gradient of the swapped pair), precisions."""
-    from . import affinity
+    from . import PRECISIONS  # the package, initialised by then
 
     cases = []
     for dtype in (torch.float32, torch.float64):
         for grad_s in (False, True):
-            for precision in (affinity.PRECISIONS if dtype == torch.float32 else ("ieee",)):
+            for precision in (PRECISIONS if dtype == torch.float32 else ("ieee",)):
                 _, meta = _aot_inputs(cs, ct, dtype, grad_s, precision)
                 mode = f"grad {'s' if grad_s else 'none'}, {meta['PRECISION']}"
                 mode += ", exact signs" if meta["EXACT_SIGNS"] else ""

@@ -10,7 +10,7 @@ the stacking to each pair's own features.
 import torch
 import torch.nn.functional as F
 
-from .affinity import DEFAULT_PRECISION, spatial_affinity_loss
+from . import DEFAULT_PRECISION, spatial_affinity_loss
 
 
 def spatial_affinity_loss_pairs(
