@@ -1,6 +1,7 @@
 """bench/gpu_perf.py (the one-run GPU benchmark) works before a GPU session spends time on it:
 its sections run on CPU tensors in --smoke mode, a section that hangs is reported and the run goes on."""
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,10 @@ def test_sections_cover_both_issues_and_parse():
 
 
 def run(*argv, timeout=240):
-    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=timeout)
+    root = str(SCRIPT.parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def test_smoke_section_writes_a_markdown_table(tmp_path):
