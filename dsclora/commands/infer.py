@@ -26,6 +26,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     parser.add_argument("--suffix", default="", help="appended to each output file's stem")
     parser.add_argument("--ext", help="output format, e.g. png, jpg, webp (default: the input's)")
+    parser.add_argument("--png-level", type=int, choices=range(10), metavar="0-9",
+                        help="zlib level of PNG outputs (default: dsclora.infer.encode.DEFAULT_PNG_LEVEL, "
+                             "chosen from the size/speed table in bench/RESULTS.md; 9: smallest, slowest)")
+    parser.add_argument("--quality", type=int, choices=range(1, 101), metavar="1-100",
+                        help="JPEG/WebP quality (default: Pillow's, 75)")
+    parser.add_argument("--batch", type=int, metavar="B",
+                        help="same-size images per network call (default: 8 on CUDA, 1 on CPU)")
 
 
 def run(args) -> int:
@@ -35,11 +42,12 @@ def run(args) -> int:
     import torch
 
     from dsclora.infer import DownloadError, load
-    from dsclora.infer.batch import expand_inputs, output_paths, upscale_files
+    from dsclora.infer.batch import expand_inputs, output_paths
+    from dsclora.infer.pipeline import upscale_files
     from dsclora.models import CheckpointError
 
-    if args.tile < 0 or (args.tile_pad is not None and args.tile_pad < 0):
-        print("dsclora infer: --tile and --tile-pad must be >= 0", file=sys.stderr)
+    if args.tile < 0 or (args.tile_pad is not None and args.tile_pad < 0) or (args.batch or 1) < 1:
+        print("dsclora infer: --tile and --tile-pad must be >= 0, --batch >= 1", file=sys.stderr)
         return 2
     files, missing = expand_inputs(args.inputs)
     try:
@@ -66,10 +74,19 @@ def run(args) -> int:
     if args.tile_pad is not None:
         upscaler.tile_pad = args.tile_pad
     failures = dict(missing)
-    failures.update(upscale_files(upscaler, targets, args.scale))
+    failures.update(upscale_files(upscaler, targets, args.scale, encode_options(args),
+                                  batch=args.batch))
     done = len(targets) - (len(failures) - len(missing))
     print(f"dsclora infer: {done} of {len(targets) + len(missing)} inputs upscaled into {args.output}",
           file=sys.stderr)
     for name, reason in failures.items():
         print(f"  FAILED {name}: {reason}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def encode_options(args):
+    """The EncodeOptions of --png-level and --quality (unset: the defaults)."""
+    from dsclora.infer.encode import EncodeOptions
+
+    given = {"png_level": args.png_level, "quality": args.quality}
+    return EncodeOptions(**{k: v for k, v in given.items() if v is not None})
