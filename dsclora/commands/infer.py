@@ -13,9 +13,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scale", type=float,
                         help="output scale; when it differs from the model's, the network output "
                              "is resized to it (bicubic, antialiased)")
-    parser.add_argument("--tile", type=int, default=0, metavar="N",
-                        help="run in NxN-pixel tiles of the input (0: whole images; on GPU "
-                             "out-of-memory the tile is halved automatically)")
+    parser.add_argument("--tile", type=_tile, default="auto", metavar="N|auto",
+                        help="run in NxN-pixel tiles of the input (0: whole images; default auto: "
+                             "the largest tile a memory model fits in the GPU's free memory or a "
+                             "512 MB CPU budget; on GPU out-of-memory the tile is halved)")
     parser.add_argument("--tile-pad", type=int, metavar="P",
                         help="context around each tile in input pixels (>= 21, SPAN's receptive "
                              "radius, gives exactly the untiled output; default: a few pixels more)")
@@ -46,8 +47,8 @@ def run(args) -> int:
     from dsclora.infer.pipeline import upscale_files
     from dsclora.models import CheckpointError
 
-    if args.tile < 0 or (args.tile_pad is not None and args.tile_pad < 0) or (args.batch or 1) < 1:
-        print("dsclora infer: --tile and --tile-pad must be >= 0, --batch >= 1", file=sys.stderr)
+    if (args.tile_pad is not None and args.tile_pad < 0) or (args.batch is not None and args.batch < 1):
+        print("dsclora infer: --tile-pad must be >= 0, --batch >= 1", file=sys.stderr)
         return 2
     files, missing = expand_inputs(args.inputs)
     try:
@@ -70,7 +71,7 @@ def run(args) -> int:
     except (DownloadError, CheckpointError, RuntimeError) as exc:
         print(f"dsclora infer: {exc}", file=sys.stderr)
         return 2
-    upscaler.tile = args.tile or None
+    upscaler.tile = args.tile
     if args.tile_pad is not None:
         upscaler.tile_pad = args.tile_pad
     failures = dict(missing)
@@ -82,6 +83,17 @@ def run(args) -> int:
     for name, reason in failures.items():
         print(f"  FAILED {name}: {reason}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _tile(text: str):
+    """--tile's value: "auto", or a size >= 0 (0: None, whole images)."""
+    import argparse
+
+    if text == "auto":
+        return "auto"
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a tile size >= 0 or 'auto', got {text!r}")
+    return int(text) or None
 
 
 def encode_options(args):

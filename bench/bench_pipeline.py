@@ -1,0 +1,154 @@
+"""Benchmark the ``dsclora infer`` file pipeline against the network alone, in one run.
+
+Prints, all measured in this run (interleaved rounds; the machine may be shared, so read the
+ratios, which are taken round by round, rather than the absolute times):
+
+1. PNG zlib level size/speed on upscaled 1080p outputs (the --png-level default comes from it);
+2. encoding threads: 1 vs N threads writing the same outputs (does Pillow release the GIL?);
+3. folder target: 8 PNGs 480x270 -> 1920x1080 through ``upscale_files`` (decode, network,
+   encode) vs the network alone on the decoded tensors: ratio <= 1.3x; plus the ``dsclora
+   infer`` command's wall time in a fresh process (interpreter, torch import, model load);
+4. memory target: peak resident memory of ``dsclora infer`` on one 1920x1080 PNG -> 7680x4320
+   in a fresh process: <= 1.5 GB.
+
+    python bench/bench_pipeline.py [--weights W] [--rounds 3] [--threads 2]
+"""
+import argparse
+import io
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dsclora.data.io import load_image, save_samples
+from dsclora.infer import load
+from dsclora.infer.encode import EncodeOptions, quantize
+from dsclora.infer.pipeline import upscale_batch, upscale_files
+
+SHARED = Path(os.environ.get("DSCLORA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+WEIGHTS = SHARED / "weights" / "dscf_x4_team23.pth"
+SOURCES = SHARED / "data" / "Urban100_10"
+
+
+def make_inputs(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
+    """``count`` natural PNGs of ``size`` (w, h): Urban100 images resized (bicubic)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(SOURCES.glob("*.png"))
+    paths = []
+    for i in range(count):
+        path = folder / f"img{i:02d}.png"
+        with Image.open(names[i % len(names)]) as im:
+            im.convert("RGB").resize(size, Image.BICUBIC).save(path)
+        paths.append(path)
+    return paths
+
+
+def png_levels(outputs: list[np.ndarray], rounds: int) -> None:
+    """Size and encode time of each zlib level on the same upscaled outputs."""
+    print("\nPNG level   MB/image   s/image   (1080p outputs, one thread)")
+    for level in (0, 1, 2, 3, 4, 6, 9):
+        sizes, times = [], []
+        for _ in range(rounds):
+            for samples in outputs:
+                buffer = io.BytesIO()
+                start = time.perf_counter()
+                Image.fromarray(samples).save(buffer, format="PNG", compress_level=level)
+                times.append(time.perf_counter() - start)
+                sizes.append(buffer.tell())
+        print(f"{level:>9}   {statistics.mean(sizes) / 1e6:8.2f}   {statistics.median(times):7.3f}")
+
+
+def encode_threads(outputs: list[np.ndarray], folder: Path, threads: int, rounds: int) -> None:
+    """Wall time to write every output with 1 thread and with ``threads`` threads, interleaved."""
+    level = EncodeOptions().png_level
+    walls = {1: [], threads: []}
+    for _ in range(rounds):
+        for n in walls:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(n) as pool:
+                list(pool.map(lambda i: save_samples(folder / f"t{i}.png", outputs[i], level), range(len(outputs))))
+            walls[n].append(time.perf_counter() - start)
+    one, many = statistics.median(walls[1]), statistics.median(walls[threads])
+    print(f"\nencode {len(outputs)} outputs at level {level}: 1 thread {one:.2f} s, {threads} threads "
+          f"{many:.2f} s -> {one / many:.2f}x")
+
+
+def folder_target(upscaler, inputs: list[Path], out: Path, rounds: int) -> list[np.ndarray]:
+    """Pipeline vs network-only, interleaved; returns the last network outputs as samples."""
+    decoded = [torch.from_numpy(load_image(p).rgb.transpose(2, 0, 1).copy())[None] for p in inputs]
+    pairs = [(p, out / p.name) for p in inputs]
+    ratios, network, pipeline = [], [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        outputs = [quantize(upscale_batch(upscaler, x)[0]) for x in decoded]
+        network.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        failures = upscale_files(upscaler, pairs, progress=False)
+        pipeline.append(time.perf_counter() - start)
+        assert not failures, failures
+        ratios.append(pipeline[-1] / network[-1])
+    print(f"\nfolder: {len(inputs)} PNGs 480x270 -> 1920x1080 (png level {EncodeOptions().png_level})")
+    print(f"  network only (incl. float->uint8) {statistics.median(network):6.2f} s")
+    print(f"  upscale_files pipeline            {statistics.median(pipeline):6.2f} s")
+    print(f"  ratio pipeline / network, median of {rounds} interleaved rounds: "
+          f"{statistics.median(ratios):.2f}x (target <= 1.3x), rounds: {', '.join(f'{r:.2f}' for r in ratios)}")
+    return outputs
+
+
+def cli_run(args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak resident MB) of ``dsclora`` ``args`` in a fresh process."""
+    code = ("import resource, sys; from dsclora.cli import main; rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"dsclora {' '.join(args)} failed:\n{done.stderr}")
+    return wall, int(done.stdout.split()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", default=str(WEIGHTS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads and encoders")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["levels", "threads", "folder", "memory"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    upscaler = load(args.weights, device="cpu")
+    print(f"dsclora infer pipeline, CPU {args.threads} threads, torch {torch.__version__}, "
+          f"load average at start {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        inputs = make_inputs(tmp / "in", 8, (480, 270))
+        (tmp / "out").mkdir()
+        outputs = None
+        if "folder" not in args.skip:
+            outputs = folder_target(upscaler, inputs, tmp / "out", args.rounds)
+            wall, _ = cli_run(["infer", str(tmp / "in"), "-o", str(tmp / "cli"), "--weights", args.weights])
+            print(f"  `dsclora infer` in a fresh process (startup + model load included): {wall:.2f} s")
+        if outputs is None:
+            outputs = [quantize(upscale_batch(upscaler, torch.rand(1, 3, 270, 480))[0])]
+        if "levels" not in args.skip:
+            png_levels(outputs, 1)
+        if "threads" not in args.skip:
+            encode_threads(outputs, tmp / "out", args.threads, args.rounds)
+        if "memory" not in args.skip:
+            big = make_inputs(tmp / "big", 1, (1920, 1080))[0]
+            base = cli_run(["info"])[1]
+            wall, peak = cli_run(["infer", str(big), "-o", str(tmp / "big_out"), "--weights", args.weights])
+            print(f"\nmemory: 1920x1080 -> 7680x4320 PNG, fresh process: peak resident {peak:.0f} MB "
+                  f"(target <= 1536 MB; `dsclora info` alone: {base:.0f} MB), wall {wall:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
