@@ -1,11 +1,14 @@
-"""``dsclora infer``: upscale image files with the fused merged-weight network."""
-HELP = "upscale images (files, folders, globs) with a SPAN on fused kernels (default: DSCF x4)"
+"""``dsclora infer``: upscale image and video files with the fused merged-weight network."""
+HELP = "upscale images (files, folders, globs) and videos with a SPAN on fused kernels (default: DSCF x4)"
 
 PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="image files, folders or glob patterns; video files (.mp4 .mkv .mov .webm .avi)")
+    parser.add_argument("-i", "--input", dest="more_inputs", action="append", default=[], metavar="INPUT",
+                        help="one more input (may be repeated), as the positional inputs")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created if needed)")
     parser.add_argument("--weights", metavar="W",
                         help="checkpoint (.pth or .safetensors); default: the released DSCF x4 weights, "
@@ -33,56 +36,93 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quality", type=int, choices=range(1, 101), metavar="1-100",
                         help="JPEG/WebP quality (default: Pillow's, 75)")
     parser.add_argument("--batch", type=int, metavar="B",
-                        help="same-size images per network call (default: 8 on CUDA, 1 on CPU)")
+                        help="same-size images or video frames per network call (default: 8 on CUDA, 1 on CPU)")
+    video = parser.add_argument_group("video (needs PyAV: pip install \"dsclora[video]\")")
+    video.add_argument("--codec", help="video encoder (default: libx264 when this FFmpeg has it, else mpeg4)")
+    video.add_argument("--crf", type=int, default=18, help="constant rate factor of x264/x265/VP9/AV1 (default 18)")
+    video.add_argument("--pix-fmt", help="output pixel format (default: the source's when the encoder takes it)")
 
 
 def run(args) -> int:
     import sys
     from pathlib import Path
 
-    import torch
-
-    from dsclora.infer import DownloadError, load
     from dsclora.infer.batch import expand_inputs, output_paths
     from dsclora.infer.pipeline import upscale_files
-    from dsclora.models import CheckpointError
+    from dsclora.infer.video import is_video
 
     if (args.tile_pad is not None and args.tile_pad < 0) or (args.batch is not None and args.batch < 1):
         print("dsclora infer: --tile-pad must be >= 0, --batch >= 1", file=sys.stderr)
         return 2
-    files, missing = expand_inputs(args.inputs)
+    inputs = args.inputs + args.more_inputs
+    if not inputs:
+        print("dsclora infer: no input given (positional INPUT or -i/--input)", file=sys.stderr)
+        return 2
+    files, missing = expand_inputs(inputs)
     try:
-        targets = output_paths(files, args.output, args.suffix, args.ext)
+        images = output_paths([f for f in files if not is_video(f)], args.output, args.suffix, args.ext)
+        videos = output_paths([f for f in files if is_video(f)], args.output, args.suffix)
+        Path(args.output).mkdir(parents=True, exist_ok=True)  # before any work
     except ValueError as exc:
         print(f"dsclora infer: {exc}", file=sys.stderr)
         return 2
-    try:  # before any work: an output folder that cannot exist fails every file
-        Path(args.output).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         print(f"dsclora infer: cannot create the output folder {args.output}: {exc}", file=sys.stderr)
         return 2
-    if not targets:
+    if not images and not videos:
         for name, reason in missing.items():
             print(f"dsclora infer: {name}: {reason}", file=sys.stderr)
         return 1
-    dtype = getattr(torch, PRECISIONS[args.precision]) if args.precision else None
     try:
-        upscaler = load(args.weights, device=args.device, dtype=dtype)
-    except (DownloadError, CheckpointError, RuntimeError) as exc:
+        upscaler = _load_upscaler(args)
+    except ValueError as exc:
         print(f"dsclora infer: {exc}", file=sys.stderr)
         return 2
-    upscaler.tile = args.tile
-    if args.tile_pad is not None:
-        upscaler.tile_pad = args.tile_pad
     failures = dict(missing)
-    failures.update(upscale_files(upscaler, targets, args.scale, encode_options(args),
-                                  batch=args.batch))
-    done = len(targets) - (len(failures) - len(missing))
-    print(f"dsclora infer: {done} of {len(targets) + len(missing)} inputs upscaled into {args.output}",
+    failures.update(upscale_files(upscaler, images, args.scale, encode_options(args), batch=args.batch))
+    failures.update(_upscale_videos(upscaler, videos, args))
+    total = len(images) + len(videos) + len(missing)
+    print(f"dsclora infer: {total - len(failures)} of {total} inputs upscaled into {args.output}",
           file=sys.stderr)
     for name, reason in failures.items():
         print(f"  FAILED {name}: {reason}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _load_upscaler(args):
+    """The Upscaler of --weights, --device, the precision and tile flags; ValueError if it cannot load."""
+    import torch
+
+    from dsclora.infer import DownloadError, load
+    from dsclora.models import CheckpointError
+
+    dtype = getattr(torch, PRECISIONS[args.precision]) if args.precision else None
+    try:
+        upscaler = load(args.weights, device=args.device, dtype=dtype)
+    except (DownloadError, CheckpointError, RuntimeError) as exc:
+        raise ValueError(str(exc)) from exc
+    upscaler.tile = args.tile
+    if args.tile_pad is not None:
+        upscaler.tile_pad = args.tile_pad
+    return upscaler
+
+
+def _upscale_videos(upscaler, pairs, args) -> dict[str, str]:
+    """Upscale each (video, target); {video: error} for those that failed (the others go on)."""
+    import sys
+
+    from dsclora.infer.pipeline import default_batch, describe
+    from dsclora.infer.video import VideoError, VideoOptions, upscale_video
+
+    failures = {}
+    options = VideoOptions(args.codec, args.crf, args.pix_fmt)
+    for src, dst in pairs:
+        try:
+            upscale_video(upscaler, src, dst, options, args.batch or default_batch(upscaler.device), args.scale)
+        except (VideoError, OSError) as exc:
+            failures[str(src)] = describe(src, exc)
+            print(f"dsclora infer: FAILED {src}: {failures[str(src)]}", file=sys.stderr)
+    return failures
 
 
 def _tile(text: str):

@@ -103,7 +103,7 @@ def _probe(av, src: Path) -> _Source:
                 raise VideoError(f"{src}: the video codec is not supported by this FFmpeg")
             frame = next(container.decode(stream), None)
     except av.FFmpegError as exc:
-        raise VideoError(f"{src}: cannot be read as a video ({exc})") from exc
+        raise VideoError(f"{src}: cannot be read as a video (truncated, or not a video file: {exc})") from exc
     if frame is None:
         raise VideoError(f"{src}: no decodable video frame (truncated or empty stream)")
     deep = any(c.bits > 8 for c in frame.format.components)
@@ -159,7 +159,7 @@ def _transcode(av, container, src, tmp, source, upscaler, options, batch, out_sc
     with av.open(str(tmp), "w") as out:  # the container from the suffix (the target's)
         video = _add_video_stream(av, out, stream, source, *size, options)
         remux = {s.index: out.add_stream_from_template(s) for s in copied}
-        bar = tqdm(total=stream.frames or None, unit="frame", desc=f"dsclora infer {src.name}",
+        bar = tqdm(total=_frame_count(container, stream), unit="frame", desc=f"dsclora infer {src.name}",
                    disable=not progress, file=sys.stderr)
         frames, count = [], 0
         for packet in container.demux(stream, *copied):
@@ -176,6 +176,16 @@ def _transcode(av, container, src, tmp, source, upscaler, options, batch, out_sc
         out.mux(video.encode(None))
         bar.close()
     return count
+
+
+def _frame_count(container, stream) -> int | None:
+    """Frames in ``stream`` as the container states it, else estimated from the duration (for the ETA)."""
+    if stream.frames:
+        return stream.frames
+    rate = stream.average_rate or stream.guessed_rate
+    if container.duration and rate:
+        return round(container.duration / 1_000_000 * rate)
+    return None
 
 
 def _decode(av, packet, src):
