@@ -9,14 +9,15 @@ ratios, which are taken round by round, rather than the absolute times):
    encode) vs the network alone on the decoded tensors: ratio <= 1.3x; plus the ``dsclora
    infer`` command's wall time in a fresh process (interpreter, torch import, model load);
 4. memory target: peak resident memory of ``dsclora infer`` on one 1920x1080 PNG -> 7680x4320
-   in a fresh process: <= 1.5 GB.
+   in a fresh process: <= 1.5 GB;
+5. video: frames/s of ``upscale_video`` on a 960x540 H.264 clip -> 3840x2160 (default codec,
+   libx264 CRF 18) next to the network alone on the same frames (needs PyAV).
 
     python bench/bench_pipeline.py [--weights W] [--rounds 3] [--threads 2]
 """
 import argparse
 import io
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -121,7 +122,8 @@ def main() -> None:
     parser.add_argument("--weights", default=str(WEIGHTS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads and encoders")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["levels", "threads", "folder", "memory"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["levels", "threads", "folder", "memory", "video"])
+    parser.add_argument("--video-frames", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     upscaler = load(args.weights, device="cpu")
@@ -148,6 +150,37 @@ def main() -> None:
             wall, peak = cli_run(["infer", str(big), "-o", str(tmp / "big_out"), "--weights", args.weights])
             print(f"\nmemory: 1920x1080 -> 7680x4320 PNG, fresh process: peak resident {peak:.0f} MB "
                   f"(target <= 1536 MB; `dsclora info` alone: {base:.0f} MB), wall {wall:.1f} s")
+        if "video" not in args.skip:
+            video_throughput(upscaler, tmp, args.video_frames)
+
+
+def video_throughput(upscaler, tmp: Path, frames: int) -> None:
+    """upscale_video on a 540p H.264 clip vs the network alone on its decoded frames."""
+    import av
+
+    from dsclora.infer.video import frames_to_tensor, upscale_video
+
+    clip = tmp / "clip540.mp4"
+    sources = make_inputs(tmp / "frames540", frames, (960, 540))
+    with av.open(str(clip), "w") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 960, 540, "yuv420p"
+        for path in sources:
+            with Image.open(path) as im:
+                out.mux(stream.encode(av.VideoFrame.from_image(im.convert("RGB")).reformat(format="yuv420p")))
+        out.mux(stream.encode(None))
+    with av.open(str(clip)) as c:
+        decoded = list(c.decode(video=0))
+    start = time.perf_counter()
+    for frame in decoded:
+        quantize(upscale_batch(upscaler, frames_to_tensor([frame], False))[0])
+    network = time.perf_counter() - start
+    start = time.perf_counter()
+    upscale_video(upscaler, clip, tmp / "clip2160.mp4", progress=False)
+    whole = time.perf_counter() - start
+    print(f"\nvideo: {frames} frames 960x540 H.264 -> 3840x2160 libx264 CRF 18: upscale_video "
+          f"{frames / whole:.3f} frames/s, network alone {frames / network:.3f} frames/s "
+          f"(ratio {whole / network:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@ Encoding runs in threads: Pillow's PNG/JPEG/WebP encoders and torch release the 
 bench/bench_pipeline.py measures the scaling (bench/RESULTS.md). Memory stays bounded: at most
 ``ahead`` decoded sources, one network batch, and ``encoders`` integer outputs are alive.
 """
+from __future__ import annotations
+
 import os
 import sys
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,7 +23,9 @@ from dsclora.data.io import LoadedImage, load_image, save_samples
 
 from .encode import EncodeOptions, quantize
 from .stages import StageClock
-from .upscaler import Upscaler
+
+if TYPE_CHECKING:  # annotations only: Upscaler.upscale_video imports this module
+    from .upscaler import Upscaler
 
 #: images per network call on CUDA (same size, no alpha); the CPU gains nothing from batching.
 CUDA_BATCH = 8

@@ -124,6 +124,13 @@ class Upscaler:
             return self._upscale_gray(x)
         return upscale_adaptive(self._forward, x, self.scale, self.tile_for(x.shape), self.tile_pad)
 
+    def upscale_video(self, src, dst, **options) -> int:
+        """Upscale the video ``src`` into ``dst``; see ``dsclora.infer.video.upscale_video``
+        (options: ``options=VideoOptions(...)``, ``batch``, ``out_scale``, ``progress``)."""
+        from .video import upscale_video
+
+        return upscale_video(self, src, dst, **options)
+
     def tile_for(self, shape) -> int | None:
         """The tile for an input of ``shape`` (B, C, H, W): ``tile``, or the automatic one."""
         if self.tile != "auto":

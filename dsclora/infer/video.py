@@ -6,10 +6,13 @@ and variable frame rates are kept), the display rotation and the pixel aspect ra
 10-bit sources are upscaled from 16-bit RGB and written 10-bit where the encoder allows it.
 PyAV is optional: ``pip install "dsclora[video]"``.
 """
+from __future__ import annotations
+
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,7 +22,9 @@ from dsclora.atomic import atomic_path
 
 from .encode import quantize
 from .pipeline import upscale_batch
-from .upscaler import Upscaler
+
+if TYPE_CHECKING:  # annotations only: Upscaler.upscale_video imports this module
+    from .upscaler import Upscaler
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 #: encoders tried in order when no --codec is given: H.264, else MPEG-4 part 2 (in every FFmpeg).
