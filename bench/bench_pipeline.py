@@ -14,6 +14,7 @@ ratios, which are taken round by round, rather than the absolute times):
    libx264 CRF 18) next to the network alone on the same frames (needs PyAV).
 
     python bench/bench_pipeline.py [--weights W] [--rounds 3] [--threads 2]
+    python bench/bench_pipeline.py --device cuda --images 64 --threads 16 --skip memory   # GPU target
 """
 import argparse
 import io
@@ -33,7 +34,7 @@ from PIL import Image
 from dsclora.data.io import load_image, save_samples
 from dsclora.infer import load
 from dsclora.infer.encode import EncodeOptions, quantize
-from dsclora.infer.pipeline import upscale_batch, upscale_files
+from dsclora.infer.pipeline import default_batch, upscale_batch, upscale_files
 
 SHARED = Path(os.environ.get("DSCLORA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 WEIGHTS = SHARED / "weights" / "dscf_x4_team23.pth"
@@ -86,11 +87,13 @@ def encode_threads(outputs: list[np.ndarray], folder: Path, threads: int, rounds
 def folder_target(upscaler, inputs: list[Path], out: Path, rounds: int) -> list[np.ndarray]:
     """Pipeline vs network-only, interleaved; returns the last network outputs as samples."""
     decoded = [torch.from_numpy(load_image(p).rgb.transpose(2, 0, 1).copy())[None] for p in inputs]
+    if upscaler.device.type == "cuda":  # the network alone, in the pipeline's batches
+        decoded = list(torch.cat(decoded).split(default_batch(upscaler.device)))
     pairs = [(p, out / p.name) for p in inputs]
     ratios, network, pipeline = [], [], []
     for _ in range(rounds):
         start = time.perf_counter()
-        outputs = [quantize(upscale_batch(upscaler, x)[0]) for x in decoded]
+        outputs = [quantize(y) for x in decoded for y in upscale_batch(upscaler, x)]
         network.append(time.perf_counter() - start)
         start = time.perf_counter()
         failures = upscale_files(upscaler, pairs, progress=False)
@@ -99,7 +102,8 @@ def folder_target(upscaler, inputs: list[Path], out: Path, rounds: int) -> list[
         ratios.append(pipeline[-1] / network[-1])
     print(f"\nfolder: {len(inputs)} PNGs 480x270 -> 1920x1080 (png level {EncodeOptions().png_level})")
     print(f"  network only (incl. float->uint8) {statistics.median(network):6.2f} s")
-    print(f"  upscale_files pipeline            {statistics.median(pipeline):6.2f} s")
+    print(f"  upscale_files pipeline            {statistics.median(pipeline):6.2f} s "
+          f"({len(inputs) / statistics.median(pipeline):.1f} images/s)")
     print(f"  ratio pipeline / network, median of {rounds} interleaved rounds: "
           f"{statistics.median(ratios):.2f}x (target <= 1.3x), rounds: {', '.join(f'{r:.2f}' for r in ratios)}")
     return outputs
@@ -124,14 +128,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads and encoders")
     parser.add_argument("--skip", nargs="*", default=[], choices=["levels", "threads", "folder", "memory", "video"])
     parser.add_argument("--video-frames", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--images", type=int, default=8, help="480x270 images in the folder target")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    upscaler = load(args.weights, device="cpu")
-    print(f"dsclora infer pipeline, CPU {args.threads} threads, torch {torch.__version__}, "
+    upscaler = load(args.weights, device=args.device)
+    print(f"dsclora infer pipeline, {args.device}, CPU {args.threads} threads, torch {torch.__version__}, "
           f"load average at start {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        inputs = make_inputs(tmp / "in", 8, (480, 270))
+        inputs = make_inputs(tmp / "in", args.images, (480, 270))
         (tmp / "out").mkdir()
         outputs = None
         if "folder" not in args.skip:

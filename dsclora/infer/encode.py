@@ -4,9 +4,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-#: zlib level of PNG outputs: the measured size/speed table is in bench/RESULTS.md
-#: (bench_pipeline.py --png-levels): level 1 writes 1080p outputs ~4x faster than Pillow's 6
-#: for files ~10% larger.
+#: zlib level of PNG outputs, from the size/speed table in bench/RESULTS.md (bench_pipeline.py):
+#: level 1 writes upscaled 1080p photos ~4x faster than Pillow's default 6, files ~12% larger.
 DEFAULT_PNG_LEVEL = 1
 #: rows converted at a time: float64 scratch of BAND_PIXELS * C * 8 bytes whatever the size.
 BAND_PIXELS = 1 << 20
