@@ -10,7 +10,9 @@ ratios, which are taken round by round, rather than the absolute times):
    infer`` command's wall time in a fresh process (interpreter, torch import, model load);
 4. memory target: peak resident memory of ``dsclora infer`` on one 1920x1080 PNG -> 7680x4320
    in a fresh process: <= 1.5 GB;
-5. video: frames/s of ``upscale_video`` on a 960x540 H.264 clip -> 3840x2160 (default codec,
+5. the memory model of ``--tile auto`` (``tiling.network_bytes``) against the measured growth of
+   the peak resident memory of one untiled forward, fresh process per size;
+6. video: frames/s of ``upscale_video`` on a 960x540 H.264 clip -> 3840x2160 (default codec,
    libx264 CRF 18) next to the network alone on the same frames (needs PyAV).
 
     python bench/bench_pipeline.py [--weights W] [--rounds 3] [--threads 2]
@@ -35,6 +37,7 @@ from dsclora.data.io import load_image, save_samples
 from dsclora.infer import load
 from dsclora.infer.encode import EncodeOptions, quantize
 from dsclora.infer.pipeline import default_batch, upscale_batch, upscale_files
+from dsclora.infer.tiling import network_bytes
 
 SHARED = Path(os.environ.get("DSCLORA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 WEIGHTS = SHARED / "weights" / "dscf_x4_team23.pth"
@@ -126,7 +129,7 @@ def main() -> None:
     parser.add_argument("--weights", default=str(WEIGHTS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads and encoders")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["levels", "threads", "folder", "memory", "video"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["levels", "threads", "folder", "memory", "model", "video"])
     parser.add_argument("--video-frames", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", type=int, default=8, help="480x270 images in the folder target")
@@ -156,8 +159,25 @@ def main() -> None:
             wall, peak = cli_run(["infer", str(big), "-o", str(tmp / "big_out"), "--weights", args.weights])
             print(f"\nmemory: 1920x1080 -> 7680x4320 PNG, fresh process: peak resident {peak:.0f} MB "
                   f"(target <= 1536 MB; `dsclora info` alone: {base:.0f} MB), wall {wall:.1f} s")
+        if "model" not in args.skip:
+            memory_model(args.weights)
         if "video" not in args.skip:
             video_throughput(upscaler, tmp, args.video_frames)
+
+
+def memory_model(weights: str) -> None:
+    """Predicted (network_bytes) vs measured peak RSS growth of one untiled CPU forward."""
+    code = ("import resource, sys, torch; from dsclora.infer import load; "
+            "up = load(sys.argv[1], device='cpu'); up(torch.rand(1, 3, 16, 16)); "
+            "x = torch.rand(1, 3, int(sys.argv[2]), int(sys.argv[2])); "
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; up(x); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base, up.merged.conv_1[0].shape[0], up.scale)")
+    print("\nmemory model, fp32 CPU, one untiled forward:  side  predicted MB  measured MB")
+    for side in (256, 512, 768):
+        done = subprocess.run([sys.executable, "-c", code, weights, str(side)], capture_output=True, text=True)
+        grown_kb, features, scale = map(int, done.stdout.split())
+        predicted = network_bytes(side * side, features, scale, 4) / 2**20
+        print(f"{'':>48}{side:>6}  {predicted:12.0f}  {grown_kb / 1024:11.0f}")
 
 
 def video_throughput(upscaler, tmp: Path, frames: int) -> None:

@@ -23,8 +23,8 @@ def network_bytes(pixels: int, features: int, scale: int, itemsize: int) -> int:
 
     The model: during the blocks six feature maps are alive (F0, F1, a block's input, output
     and both G outputs); at the upsampler, the concat features, the conv output and its
-    pixel-shuffled copy (3 s^2 channels each); plus the input. Checked against measured peaks
-    by bench/bench_pipeline.py (memory model rows).
+    pixel-shuffled copy (3 s^2 channels each); plus the input. An upper bound: the measured
+    peak growth is 70-80% of it (bench/bench_pipeline.py, memory model rows; bench/RESULTS.md).
     """
     channels = max(6 * features, features + 6 * scale * scale) + 3
     return pixels * channels * itemsize
