@@ -3,11 +3,9 @@
 import glob
 from pathlib import Path
 
-import numpy as np
+from dsclora.data.io import list_images, tensor_to_image
 
-from dsclora.data.io import image_to_tensor, list_images, tensor_to_image
-
-from .pipeline import upscale_batch
+from .pipeline import image_planes, upscale_batch
 from .upscaler import Upscaler
 
 
@@ -52,6 +50,5 @@ def upscale_image(upscaler: Upscaler, image, out_scale: float | None = None):
     Alpha runs through the network too (as gray, see Upscaler). With ``out_scale`` other than
     the model's scale the result is resized to round(out_scale * size), bicubic, antialiased.
     """
-    planes = image.rgb if image.alpha is None else np.dstack([image.rgb, image.alpha])
-    y = tensor_to_image(upscale_batch(upscaler, image_to_tensor(planes), out_scale))
+    y = tensor_to_image(upscale_batch(upscaler, image_planes(image), out_scale))
     return y[..., :3], (None if image.alpha is None else y[..., 3])

@@ -54,7 +54,7 @@ def upscale_batch(upscaler: Upscaler, x: torch.Tensor, out_scale: float | None =
     return resize_output(y, x.shape[-2:], upscaler.scale, out_scale)
 
 
-def _planes(image: LoadedImage) -> torch.Tensor:
+def image_planes(image: LoadedImage) -> torch.Tensor:
     """(1, C, H, W) float32 of a decoded image: RGB, plus its alpha when it has one."""
     planes = image.rgb if image.alpha is None else np.dstack([image.rgb, image.alpha])
     return torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1)))[None]
@@ -122,7 +122,7 @@ class _Pipeline:
     def _compute(self, group) -> None:
         try:
             with self.clock.timing("network"):
-                x = torch.cat([_planes(image) for _, _, image in group])
+                x = torch.cat([image_planes(image) for _, _, image in group])
                 y = upscale_batch(self.upscaler, x, self.out_scale)
                 outputs = [self._samples(y[i], dst, image) for i, (_, dst, image) in enumerate(group)]
                 del x, y
