@@ -9,6 +9,8 @@ PyAV is optional: ``pip install "dsclora[video]"``.
 from __future__ import annotations
 
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -166,21 +168,69 @@ def _transcode(av, container, src, tmp, source, upscaler, options, batch, out_sc
         remux = {s.index: out.add_stream_from_template(s) for s in copied}
         bar = tqdm(total=_frame_count(container, stream), unit="frame", desc=f"dsclora infer {src.name}",
                    disable=not progress, file=sys.stderr)
+        writer = _FrameWriter(av, out, video, source.deep, bar)
         frames, count = [], 0
-        for packet in container.demux(stream, *copied):
-            if packet.stream.index in remux:
-                if packet.dts is not None:
-                    packet.stream = remux[packet.stream.index]
-                    out.mux(packet)
-                continue
-            frames.extend(_decode(av, packet, src))
-            if len(frames) >= batch:
-                count += _encode(av, out, video, frames, source, upscaler, out_scale, bar)
-                frames = []
-        count += _encode(av, out, video, frames, source, upscaler, out_scale, bar)
-        out.mux(video.encode(None))
-        bar.close()
+        try:
+            for packet in container.demux(stream, *copied):
+                if packet.stream.index in remux:
+                    if packet.dts is not None:
+                        packet.stream = remux[packet.stream.index]
+                        writer.mux(packet)
+                    continue
+                frames.extend(_decode(av, packet, src))
+                if len(frames) >= batch:
+                    count += writer.submit(frames, _upscale(frames, source, upscaler, out_scale))
+                    frames = []
+            if frames:
+                count += writer.submit(frames, _upscale(frames, source, upscaler, out_scale))
+            writer.finish()
+        finally:
+            writer.close()
+            bar.close()
     return count
+
+
+class _FrameWriter:
+    """Encodes upscaled batches in one background thread, one batch in flight while the next
+    is computed; every packet is muxed under one lock (remuxed streams come from the reader)."""
+
+    def __init__(self, av, out, video, deep: bool, bar):
+        self.av, self.out, self.video, self.deep, self.bar = av, out, video, deep, bar
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dsclora-video-encode")
+        self.pending = None
+
+    def mux(self, packets) -> None:
+        with self.lock:
+            self.out.mux(packets)
+
+    def submit(self, frames, y: torch.Tensor) -> int:
+        """Encode ``frames``' upscaled ``y`` (B, 3, sH, sW) with their timestamps, in the background."""
+        self._wait()
+        self.pending = self.pool.submit(self._encode, frames, y)
+        return len(frames)
+
+    def finish(self) -> None:
+        """Wait for the last batch and flush the encoder."""
+        self._wait()
+        self.mux(self.video.encode(None))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def _encode(self, frames, y: torch.Tensor) -> None:
+        fmt = "rgb48le" if self.deep else "rgb24"
+        for frame, upscaled in zip(frames, y):
+            samples = quantize(upscaled, 16 if self.deep else 8)
+            encoded = self.av.VideoFrame.from_ndarray(samples, format=fmt).reformat(format=self.video.pix_fmt)
+            encoded.pts, encoded.time_base = frame.pts, frame.time_base
+            self.mux(self.video.encode(encoded))
+            self.bar.update()
 
 
 def _frame_count(container, stream) -> int | None:
@@ -214,16 +264,6 @@ def frames_to_tensor(frames, deep: bool) -> torch.Tensor:
     return x.to(torch.float32) / np.float32(peak)
 
 
-def _encode(av, out, video, frames, source: _Source, upscaler, out_scale, bar) -> int:
-    """Upscale ``frames`` in one network call and encode them with their timestamps."""
-    if not frames:
-        return 0
-    y = upscale_batch(upscaler, frames_to_tensor(frames, source.deep), out_scale)
-    fmt = "rgb48le" if source.deep else "rgb24"
-    for frame, upscaled in zip(frames, y):
-        samples = quantize(upscaled, 16 if source.deep else 8)
-        encoded = av.VideoFrame.from_ndarray(samples, format=fmt).reformat(format=video.pix_fmt)
-        encoded.pts, encoded.time_base = frame.pts, frame.time_base
-        out.mux(video.encode(encoded))
-        bar.update()
-    return len(frames)
+def _upscale(frames, source: _Source, upscaler, out_scale) -> torch.Tensor:
+    """``frames`` in one network call: (B, 3, sH, sW) clamped to [0, 1]."""
+    return upscale_batch(upscaler, frames_to_tensor(frames, source.deep), out_scale)
