@@ -136,6 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     upscaler = load(args.weights, device=args.device)
+    upscaler(torch.rand(1, 3, 16, 16))  # warm-up: the first call of the fused op imports a lot
     print(f"dsclora infer pipeline, {args.device}, CPU {args.threads} threads, torch {torch.__version__}, "
           f"load average at start {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
