@@ -161,6 +161,8 @@ def test_bad_videos_fail_clearly_and_leave_nothing(tmp_path, model, weights, cap
                       out_scale=3, progress=False)
     with pytest.raises(VideoError, match="'no-such-codec' is not in this FFmpeg build"):
         upscale_video(up, clip, tmp_path / "out_6.mp4", VideoOptions(codec="no-such-codec"), progress=False)
+    with pytest.raises(VideoError, match="encoder ffv1 takes no --crf"):
+        upscale_video(up, clip, tmp_path / "out_7.mkv", VideoOptions(codec="ffv1", crf=20), progress=False)
     with pytest.raises(VideoError, match="cannot write pixel format"):
         upscale_video(up, clip, tmp_path / "out_5.mp4", VideoOptions(pix_fmt="rgb48le"), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("out_", "."))) == []

@@ -39,7 +39,7 @@ def add_arguments(parser) -> None:
                         help="same-size images or video frames per network call (default: 8 on CUDA, 1 on CPU)")
     video = parser.add_argument_group("video (needs PyAV: pip install \"dsclora[video]\")")
     video.add_argument("--codec", help="video encoder (default: libx264 when this FFmpeg has it, else mpeg4)")
-    video.add_argument("--crf", type=int, default=18, help="constant rate factor of x264/x265/VP9/AV1 (default 18)")
+    video.add_argument("--crf", type=int, help="constant rate factor of x264/x265/VP9/AV1 (default 18)")
     video.add_argument("--pix-fmt", help="output pixel format (default: the source's when the encoder takes it)")
 
 

@@ -8,6 +8,7 @@ PyAV is optional: ``pip install "dsclora[video]"``.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +29,13 @@ from .pipeline import upscale_batch
 if TYPE_CHECKING:  # annotations only: Upscaler.upscale_video imports this module
     from .upscaler import Upscaler
 
+logger = logging.getLogger("dsclora")
+
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 #: encoders tried in order when no --codec is given: H.264, else MPEG-4 part 2 (in every FFmpeg).
 DEFAULT_CODECS = ("libx264", "mpeg4")
+#: encoders that take a constant rate factor, and the one used when none is given.
+CRF_CODECS = ("libx264", "libx265", "libvpx-vp9", "libaom-av1", "libsvtav1")
 DEFAULT_CRF = 18
 INSTALL_HINT = 'video needs PyAV: pip install "dsclora[video]"'
 
@@ -55,11 +60,11 @@ def is_video(path) -> bool:
 @dataclass(frozen=True)
 class VideoOptions:
     """Output encoding: ``codec`` (None: the first of DEFAULT_CODECS this FFmpeg has), ``crf``
-    (codecs that take one; None: the codec's default), ``pix_fmt`` (None: the source's when the
+    (CRF_CODECS only; None: DEFAULT_CRF for them), ``pix_fmt`` (None: the source's when the
     encoder takes it, else the encoder's first 8- or 10-bit format to match)."""
 
     codec: str | None = None
-    crf: int | None = DEFAULT_CRF
+    crf: int | None = None
     pix_fmt: str | None = None
 
 
@@ -78,6 +83,9 @@ def default_codec() -> str:
     av = require_av()
     for name in DEFAULT_CODECS:
         if name in av.codecs_available:
+            if name != DEFAULT_CODECS[0]:
+                logger.warning("dsclora infer: this FFmpeg has no %s encoder; writing %s video",
+                               DEFAULT_CODECS[0], name)
             return name
     raise VideoError(f"this FFmpeg has none of the encoders {', '.join(DEFAULT_CODECS)}; pass --codec")
 
@@ -146,8 +154,10 @@ def _add_video_stream(av, out, stream, source: _Source, width: int, height: int,
     video.codec_context.time_base = stream.time_base
     if stream.sample_aspect_ratio:
         video.codec_context.sample_aspect_ratio = stream.sample_aspect_ratio
-    if options.crf is not None and codec in ("libx264", "libx265", "libvpx-vp9", "libaom-av1", "libsvtav1"):
-        video.options = {"crf": str(options.crf)}
+    if codec in CRF_CODECS:
+        video.options = {"crf": str(DEFAULT_CRF if options.crf is None else options.crf)}
+    elif options.crf is not None:
+        raise VideoError(f"encoder {codec} takes no --crf (those that do: {', '.join(CRF_CODECS)})")
     if source.rotation:
         video.set_display_rotation(source.rotation)
     return video
