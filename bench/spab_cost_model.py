@@ -18,7 +18,9 @@ import math
 
 import torch
 
-from dsclora_kernels import gpu_arch, spab_triton
+from dsclora_kernels import gpu_arch
+from dsclora_kernels.spab import triton as spab_triton
+from dsclora_kernels.triton_support import padded_channels
 
 H200_SMS, H200_BYTES_PER_S, H200_TC_FLOPS = 132, 4.3e12, 800e12
 EAGER_PASSES = 13
@@ -37,7 +39,7 @@ def launch_cost(shape, dtype, arch_name="sm_90", sms=H200_SMS) -> dict:
     """Work, roofline and serial steps of the fused forward and eager for one shape and dtype."""
     b, c, h, w = shape
     arch = next(a for a in gpu_arch.ARCHS if a.name == arch_name)
-    cp = spab_triton.padded_channels(c)
+    cp = padded_channels(c)
     config = spab_triton.launch_config(arch, dtype, cp, recompute=False)
     frame_h, frame_w, rows = spab_triton.frame(h, w, config)
     tiles = b * math.ceil(h / (frame_h - 4)) * math.ceil(w / (frame_w - 4))

@@ -221,8 +221,8 @@ def test_gradients_do_not_depend_on_the_incoming_gradients_layout(backend, expec
     x, weights = block_inputs(2, 26, 5, 7)
     g_expanded = torch.ones(()).expand(x.shape)
     with use_backend(backend), expect_launches("spab.recompute", when=backend == "triton"):
-        expanded = spab_module.spab_backward(x, *weights, g_expanded, g_expanded, [True] * 7)
-        contiguous = spab_module.spab_backward(x, *weights, g_expanded.contiguous(), g_expanded.contiguous(),
+        expanded = torch.ops.dsclora.spab_backward(x, *weights, g_expanded, g_expanded, [True] * 7)
+        contiguous = torch.ops.dsclora.spab_backward(x, *weights, g_expanded.contiguous(), g_expanded.contiguous(),
                                                [True] * 7)
     for a, b in zip(expanded, contiguous):
         assert torch.equal(a, b)
