@@ -4,6 +4,7 @@ import os
 import stat
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,6 @@ from dsclora.atomic import atomic_path
 from dsclora.data import (
     ImageReadError, image_to_tensor, imresize, list_images, load_image, mod_crop, save_image, tensor_to_image,
 )
-from dsclora.data import io as data_io
 
 # ---------------------------------------------------------------------------- imresize
 
@@ -270,12 +270,12 @@ def test_save_errors_and_atomicity(tmp_path, monkeypatch):
     save_image(tmp_path / "keep.png", rgb + 0.5)
     before = (tmp_path / "keep.png").read_bytes()
 
-    def failing_save(self, fp, *args, **kwargs):
-        with open(fp, "wb") as f:
-            f.write(b"partial")
+    def failing_write(self, data):  # the encoded image reaches the disk half-way
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(data_io.Image.Image, "save", failing_save)
+    monkeypatch.setattr(Path, "write_bytes", failing_write)
     with pytest.raises(OSError, match="disk full"):
         save_image(tmp_path / "keep.png", rgb)
     assert (tmp_path / "keep.png").read_bytes() == before

@@ -1,4 +1,5 @@
 """Reading and writing images as float arrays in [0, 1], and numpy <-> torch layout helpers."""
+import io
 import struct
 import zlib
 from dataclasses import dataclass
@@ -8,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..atomic import atomic_path
+from ..atomic import write_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -140,12 +141,6 @@ def _png16_bytes(samples: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(temp_path) on a temporary file beside ``path``, then move it into place."""
-    with atomic_path(path, suffix=path.suffix) as tmp:
-        write(str(tmp))
-
-
 def save_image(path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8, gray: bool = False) -> None:
     """Write ``rgb`` (H, W, 3) or (H, W) float in [0, 1] atomically; format from the suffix.
 
@@ -177,10 +172,11 @@ def save_image(path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_depth
     path.parent.mkdir(parents=True, exist_ok=True)
     if bit_depth == 16:
         data = _png16_bytes(samples)
-        _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     else:
-        image = Image.fromarray(samples[..., 0] if samples.shape[2] == 1 else samples)
-        _atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+        buffer = io.BytesIO()
+        Image.fromarray(samples[..., 0] if samples.shape[2] == 1 else samples).save(buffer, format=fmt)
+        data = buffer.getvalue()
+    write_bytes(path, data, suffix=path.suffix)
 
 
 def list_images(folder) -> list[Path]:

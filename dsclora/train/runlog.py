@@ -1,7 +1,10 @@
 """Run logs: CSV files (always) and TensorBoard (only if the ``tensorboard`` package is installed)."""
 import csv
+import io
 import logging
 from pathlib import Path
+
+from ..atomic import write_bytes
 
 logger = logging.getLogger("dsclora")
 
@@ -19,10 +22,11 @@ class CsvLog:
         if keep_until is not None and self.path.is_file():
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r[fields[0]]) <= keep_until]
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_bytes(self.path, text.getvalue().encode())  # a kill here keeps the old log whole
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
