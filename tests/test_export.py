@@ -268,6 +268,24 @@ def test_failed_onnx_export_leaves_no_file(onnxruntime, monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("fmt, name", [("official", "m.safetensors"), ("official", "m.pth"), ("onnx", "m.onnx")])
+def test_export_writes_only_through_its_own_temporary(onnxruntime, monkeypatch, tmp_path, fmt, name):
+    """While the file is written, its folder holds our one temporary and nothing a library made
+    (safetensors' save_file would add a ``.tmpXXXXXX`` a kill there leaves behind)."""
+    from pathlib import Path
+
+    seen, write_bytes = [], Path.write_bytes
+
+    def listing_write(self, data):
+        seen.append(sorted(p.name for p in self.parent.iterdir()))
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", listing_write)
+    export(SPAN(4, form="eval"), fmt, tmp_path / name)
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(f".{name}."), seen
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 # --- command line ------------------------------------------------------------------------------
 
 def test_export_command(tmp_path, capsys):
