@@ -13,7 +13,8 @@ from PIL import Image
 
 from dsclora.atomic import atomic_path
 from dsclora.data import (
-    ImageReadError, image_to_tensor, imresize, list_images, load_image, mod_crop, save_image, tensor_to_image,
+    ImageReadError, PairingError, image_to_tensor, imresize, list_images, load_image, mod_crop, pair_lr_files,
+    save_image, tensor_to_image,
 )
 
 # ---------------------------------------------------------------------------- imresize
@@ -316,3 +317,35 @@ def test_tensor_layout_roundtrip():
     assert image_to_tensor(img[..., 0]).shape == (1, 1, 5, 7)
     with pytest.raises(ValueError, match="shape"):
         tensor_to_image(torch.zeros(2, 3, 4, 4))
+
+
+# ---------------------------------------------------------------------------- LR pairing
+@pytest.mark.parametrize("lr_name", ["0001x4.png", "0001_x4.png", "0001.png", "0001x4.jpg"])
+def test_one_pairing_rule_for_training_and_evaluation(tmp_path, lr_name):
+    """``dsclora.data.pair_lr_files`` is the rule of both training (find_images) and evaluation (load_pairs)."""
+    from dsclora.evaluation import load_pairs
+    from dsclora.train.data import find_images
+
+    save_image(tmp_path / "hr" / "0001.png", np.zeros((16, 12, 3)))
+    save_image(tmp_path / "lr" / lr_name, np.zeros((4, 3, 3)))
+    assert pair_lr_files(list_images(tmp_path / "hr"), tmp_path / "lr", 4) == [tmp_path / "lr" / lr_name]
+    assert find_images([str(tmp_path / "hr")], [str(tmp_path / "lr")], 4)[0].lr == tmp_path / "lr" / lr_name
+    assert load_pairs(tmp_path / "hr", tmp_path / "lr", 4)[0].name == "0001.png"
+
+
+@pytest.mark.parametrize("lr_names, message", [
+    (["0001x4.png", "0001_x4.png"], r"0001.png pairs with several LR images \(0001x4.png, 0001_x4.png\)"),
+    (["0001.png", "0001.jpg"], r"0001.png pairs with several LR images"),
+    (["0001x2.png", "0002x4.png"], r"no LR image for HR image\(s\) 0001.png \(looked for STEM, STEMx4, STEM_x4"),
+])
+def test_ambiguous_or_missing_lr_is_a_clear_error(tmp_path, lr_names, message):
+    from dsclora.evaluation import load_pairs
+    from dsclora.train.data import find_images
+
+    save_image(tmp_path / "hr" / "0001.png", np.zeros((16, 12, 3)))
+    for name in lr_names:
+        save_image(tmp_path / "lr" / name, np.zeros((4, 3, 3)))
+    for pair in (lambda: find_images([str(tmp_path / "hr")], [str(tmp_path / "lr")], 4),
+                 lambda: load_pairs(tmp_path / "hr", tmp_path / "lr", 4)):
+        with pytest.raises(PairingError, match=message):
+            pair()
