@@ -1,10 +1,11 @@
 """Build the optional compiled kernels of dsclora_kernels.
 
-Every ``csrc/<name>.cpp`` becomes the extension module ``dsclora_kernels._<name>``:
-plain C++17 + pybind11 on tensor addresses, shapes and strides (csrc/tensor_view.h),
+Every ``csrc/cpu/<name>.cpp`` becomes the extension module ``dsclora_kernels._<name>``
+(shared headers in csrc/common/):
+plain C++17 + pybind11 on tensor addresses, shapes and strides (csrc/common/tensor_view.h),
 independent of torch's C++ ABI (the torch ops are registered in Python with
 ``torch.library.custom_op``). On x86-64 the SIMD code selects AVX-512 / AVX2 at run time
-(csrc/cpu_features.h), so the build needs no -march flag; other CPUs and compilers get the
+(csrc/common/cpu_features.h), so the build needs no -march flag; other CPUs and compilers get the
 generic path.
 
 The kernels are optional: when one does not build (no C++17 compiler, an unsupported
@@ -12,40 +13,56 @@ platform), ``pip install .`` still succeeds and the reason is written to
 ``dsclora_kernels/_build_report.json``, which ``dsclora info`` and the first use of the op
 show (the op then runs its PyTorch reference).
 
+Without pybind11 (``pip install --no-build-isolation .`` where it is missing) the package
+installs without the compiled kernels, and the report says so.
+
 ``DSCLORA_EXTENSIONS=a,b`` builds only the named modules (a development convenience).
+CUDA kernels (csrc/cuda/, none yet) will be built the same optional way when nvcc is found,
+into the same report.
 """
 import json
 import os
 import platform
 from pathlib import Path
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.errors import BaseError, CCompilerError
 
 ROOT = Path(__file__).parent
 ONLY = {n for n in os.environ.get("DSCLORA_EXTENSIONS", "").split(",") if n}
-HEADERS = sorted(str(h.relative_to(ROOT)) for h in (ROOT / "csrc").glob("*.h"))
+INCLUDE_DIRS = ["csrc/common", "csrc/cpu"]
+HEADERS = sorted(str(h.relative_to(ROOT)) for d in INCLUDE_DIRS for h in (ROOT / d).glob("*.h"))
 #: Written next to the built modules: {name: "built" or why it was not}; read by dsclora_kernels._extension.
 BUILD_REPORT = "_build_report.json"
 #: (compile, link) flags per compiler type; every other type takes the "unix" ones (GCC, clang, MinGW).
 FLAGS = {"unix": (["-O3", "-pthread", "-fno-math-errno"], ["-pthread"]), "msvc": (["/O2"], [])}
 
 
+def pybind11_extension():
+    """(pybind11's Extension class, None) or (None, why the kernels cannot be built)."""
+    try:
+        from pybind11.setup_helpers import Pybind11Extension
+    except ImportError as exc:
+        return None, (f"pybind11 was not installed at build time ({exc}); install it and reinstall "
+                      "(`pip install pybind11 && pip install --no-build-isolation .`, or `pip install .`)")
+    return Pybind11Extension, None
+
+
 def cpu_extensions():
+    """One extension per csrc/cpu/*.cpp; without pybind11, placeholders that carry the reason."""
+    extension_class, missing = pybind11_extension()
     exts = []
-    for src in sorted((ROOT / "csrc").glob("*.cpp")):
+    for src in sorted((ROOT / "csrc" / "cpu").glob("*.cpp")):
         if ONLY and src.stem not in ONLY:
             continue
-        exts.append(
-            Pybind11Extension(
-                f"dsclora_kernels._{src.stem}",
-                [str(src.relative_to(ROOT))],
-                include_dirs=["csrc"],
-                depends=HEADERS,
-                cxx_std=17,
-            )
-        )
+        name, sources = f"dsclora_kernels._{src.stem}", [str(src.relative_to(ROOT))]
+        if extension_class is None:
+            ext = Extension(name, sources)
+            ext.not_built = missing
+        else:
+            ext = extension_class(name, sources, include_dirs=INCLUDE_DIRS, depends=HEADERS, cxx_std=17)
+        exts.append(ext)
     return exts
 
 
@@ -67,6 +84,10 @@ class OptionalBuildExt(build_ext):
 
     def build_extension(self, ext):
         name = ext.name.rsplit("._", 1)[-1]
+        if getattr(ext, "not_built", None):
+            self.report[name] = ext.not_built
+            self.warn(f"dsclora_kernels._{name} was not built, its ops will run the PyTorch reference: {ext.not_built}")
+            return
         try:
             super().build_extension(ext)
         except (CCompilerError, BaseError, OSError) as exc:

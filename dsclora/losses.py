@@ -12,22 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsclora_kernels._log import fallback
+from dsclora_kernels import spatial_affinity_loss
 
 RECONSTRUCTIONS = ("l1", "l2")
-
-
-def _affinity_op():
-    """The fused spatial-affinity loss, or the plain-PyTorch reference (logged) if it is missing."""
-    try:
-        from dsclora_kernels import spatial_affinity_loss
-        return spatial_affinity_loss
-    except ImportError as exc:
-        from dsclora_kernels import spatial_affinity_loss_reference
-
-        fallback("affinity:losses", f"fused spatial_affinity_loss is not importable ({exc}); "
-                 "using the O(N^2)-memory reference")
-        return spatial_affinity_loss_reference
 
 
 def _full_precision(t: torch.Tensor) -> torch.Tensor:
@@ -39,14 +26,13 @@ def affinity_distillation(features_s: list[torch.Tensor], features_t: list[torch
     """Σ_l mean|A_S^l − A_T^l| over paired feature maps (B, C_s, H, W) / (B, C_t, H, W)."""
     if len(features_s) != len(features_t):
         raise ValueError(f"{len(features_s)} student vs {len(features_t)} teacher feature maps")
-    op = _affinity_op()
     terms = []
     for layer, (f_s, f_t) in enumerate(zip(features_s, features_t), start=1):
         if f_s.shape[0] != f_t.shape[0] or f_s.shape[2:] != f_t.shape[2:]:
             raise ValueError(f"feature map F{layer}: student {tuple(f_s.shape)} and teacher "
                              f"{tuple(f_t.shape)} differ in batch or spatial size")
         # Computed in at least float32 even under bf16 autocast (sign flips otherwise).
-        terms.append(op(_full_precision(f_s), _full_precision(f_t.detach())))
+        terms.append(spatial_affinity_loss(_full_precision(f_s), _full_precision(f_t.detach())))
     return torch.stack(terms).sum()
 
 

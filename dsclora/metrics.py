@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dsclora_kernels import metrics_ops
+from dsclora_kernels import metrics as kernel_metrics
 
 CHANNELS = ("y", "rgb")
 
@@ -45,7 +45,7 @@ def _planes(sr: np.ndarray, hr: np.ndarray, border: int, channel: str, func: str
     crop = (slice(border, sr.shape[0] - border), slice(border, sr.shape[1] - border))
     sr, hr = sr[crop].astype(np.float64), hr[crop].astype(np.float64)
     if channel == "y":
-        return [(metrics_ops.rgb_to_y(sr), metrics_ops.rgb_to_y(hr))]
+        return [(kernel_metrics.rgb_to_y(sr), kernel_metrics.rgb_to_y(hr))]
     return [(sr[..., c], hr[..., c]) for c in range(sr.shape[2])]
 
 
@@ -59,7 +59,7 @@ def psnr(sr: np.ndarray, hr: np.ndarray, border: int = 0, channel: str = "y") ->
 def ssim(sr: np.ndarray, hr: np.ndarray, border: int = 0, channel: str = "y") -> float:
     """SSIM (11x11 Gaussian window, sigma 1.5, valid) of (H, W, 3) images with 0-255 samples."""
     planes = _planes(sr, hr, border, channel, "ssim")
-    return float(np.mean([metrics_ops.ssim_mean(a, b) for a, b in planes]))
+    return float(np.mean([kernel_metrics.ssim_mean(a, b) for a, b in planes]))
 
 
 def _planes_torch(sr: torch.Tensor, hr: torch.Tensor, border: int, channel: str, func: str):
@@ -73,10 +73,10 @@ def _planes_torch(sr: torch.Tensor, hr: torch.Tensor, border: int, channel: str,
     sr, hr = (x[..., border : h - border, border : w - border].double() for x in (sr, hr))
     if channel == "rgb":
         return sr, hr
-    weights = torch.tensor(metrics_ops.Y_WEIGHTS, dtype=torch.float64, device=sr.device).view(1, 3, 1, 1)
+    weights = torch.tensor(kernel_metrics.Y_WEIGHTS, dtype=torch.float64, device=sr.device).view(1, 3, 1, 1)
 
     def to_y(x):
-        return metrics_ops.Y_OFFSET + (weights * (x / 255.0)).sum(dim=1, keepdim=True)
+        return kernel_metrics.Y_OFFSET + (weights * (x / 255.0)).sum(dim=1, keepdim=True)
 
     return to_y(sr), to_y(hr)
 
@@ -91,9 +91,9 @@ def psnr_torch(sr: torch.Tensor, hr: torch.Tensor, border: int = 0, channel: str
 def ssim_torch(sr: torch.Tensor, hr: torch.Tensor, border: int = 0, channel: str = "y") -> torch.Tensor:
     """SSIM (B,) float64 of (B, 3, H, W) batches with 0-255 samples (mean over channels for rgb)."""
     a, b = _planes_torch(sr, hr, border, channel, "ssim_torch")
-    if min(a.shape[-2:]) < metrics_ops.WINDOW_SIZE:
+    if min(a.shape[-2:]) < kernel_metrics.WINDOW_SIZE:
         raise ValueError(f"ssim_torch: planes of shape {tuple(a.shape)} are smaller than the window")
-    g = torch.from_numpy(metrics_ops.gaussian_window()).to(a.device)
+    g = torch.from_numpy(kernel_metrics.gaussian_window()).to(a.device)
     planes = a.shape[1]
     # Five moments of every plane, blurred with the separable window as grouped convs.
     moments = torch.cat([a, b, a * a, b * b, a * b], dim=1)
@@ -102,6 +102,6 @@ def ssim_torch(sr: torch.Tensor, hr: torch.Tensor, border: int = 0, channel: str
     blurred = F.conv2d(blurred, g.view(1, 1, 1, -1).expand(groups, 1, 1, -1), groups=groups)
     mu_a, mu_b, e_aa, e_bb, e_ab = blurred.split(planes, dim=1)
     mu_aa, mu_bb, mu_ab = mu_a * mu_a, mu_b * mu_b, mu_a * mu_b
-    c1, c2 = metrics_ops.C1, metrics_ops.C2
+    c1, c2 = kernel_metrics.C1, kernel_metrics.C2
     ssim_map = ((2 * mu_ab + c1) * (2 * (e_ab - mu_ab) + c2)) / ((mu_aa + mu_bb + c1) * (e_aa - mu_aa + e_bb - mu_bb + c2))
     return ssim_map.mean(dim=(1, 2, 3))

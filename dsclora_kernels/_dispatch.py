@@ -1,61 +1,32 @@
-"""Which implementation of a fast op runs: ``"cpp"``, ``"triton"`` or ``"reference"``.
+"""The backend registry: which implementation of a fast op runs.
 
-By default CUDA tensors use Triton and CPU tensors the C++ extension (``csrc/<op>.cpp``).
-``use_backend(name)`` forces one, e.g. Triton on CPU tensors under ``TRITON_INTERPRET=1``
-(how CI tests the GPU kernels). Every fallback to a slower path is logged once.
+Each op package (``spab``, ``affinity``, ``metrics``) makes one `Registry`: an ordered list of
+backends per device type, fastest first, its reference last (and alone on any other device).
+A backend is a module of that package with
+
+* ``NAME``: ``"cpp"``, ``"triton"``, ``"reference"`` (what ``use_backend`` names);
+* ``status(device) -> str``: ``"available"`` or why it cannot run on ``device`` here;
+* ``unsupported(*args) -> (key, reason) | None``: why it cannot take these arguments;
+* the op's entry points (the same names in every backend of one op).
+
+`Registry.choose` takes the first backend that is available and supports the arguments, and
+logs once why each one before it was skipped (``dsclora info`` shows it). Adding a backend is
+one module and one list entry. ``use_backend(name)`` forces one, e.g. Triton on CPU tensors
+under ``TRITON_INTERPRET=1`` (how CI tests the GPU kernels): it raises if that backend cannot
+run here, and falls back (logged) to the reference for arguments it does not support.
 """
 import contextlib
-import functools
-import importlib.util
-import os
+from types import ModuleType
+from typing import Sequence
 
 import torch
 
-from . import _extension
 from ._log import fallback
 
 BACKENDS = ("cpp", "triton", "reference")
 _forced: list[str] = []
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_status() -> str:
-    """'available' or why Triton cannot run here."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if triton_interpreting():
-        return _interpreter_status()
-    if not torch.cuda.is_available():
-        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
-    return "available"
-
-
-@functools.lru_cache(maxsize=None)
-def _interpreter_status() -> str:
-    """'available', or why Triton's interpreter cannot run our kernels: it runs a kernel with a
-    runtime loop bound (what they all have), which e.g. Triton 3.6's interpreter cannot do
-    under NumPy >= 2.4."""
-    import numpy
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def count_up(out_ptr, n):
-        for i in range(0, n):
-            tl.store(out_ptr + i, i)
-
-    out = torch.zeros(2, dtype=torch.int32)
-    try:
-        count_up[(1,)](out, 2)
-    except Exception as error:  # noqa: BLE001 - any failure means the interpreter is unusable
-        return (f"the Triton {triton.__version__} interpreter fails with NumPy {numpy.__version__} "
-                f"({type(error).__name__}: {error}); Triton 3.6 fails so under NumPy >= 2.4: pip install 'numpy<2.4'")
-    if out.tolist() != [0, 1]:
-        return f"the Triton {triton.__version__} interpreter computed {out.tolist()} for [0, 1]"
-    return "available"
+#: Every op's registry, in creation order (``dsclora info`` lists them).
+REGISTRIES: list["Registry"] = []
 
 
 @contextlib.contextmanager
@@ -70,31 +41,55 @@ def use_backend(name: str):
         _forced.pop()
 
 
-def choose(op: str, extension: str, device: torch.device) -> str:
-    """The backend for ``op`` on ``device``; ``extension`` names its compiled CPU module."""
-    if _forced:
-        forced = _forced[-1]
-        if forced == "cpp" and _extension.load(extension) is None:
-            raise RuntimeError(f"{op}: backend 'cpp' forced but {_extension.status(extension)}")
-        if forced == "cpp" and device.type != "cpu":
-            raise RuntimeError(f"{op}: backend 'cpp' forced but the tensors are on {device}; the C++ kernels "
-                               "take CPU tensors only (use backend 'triton' or move them with .cpu())")
-        if forced == "triton" and device.type == "cpu":
-            if not triton_interpreting():
-                raise RuntimeError(f"{op}: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
-            if triton_status() != "available":
-                raise RuntimeError(f"{op}: backend 'triton' forced but {triton_status()}")
-        return forced
-    if device.type == "cuda":
-        status = triton_status()
-        if status == "available":
-            return "triton"
-        fallback(f"{op}:cuda", status)
-        return "reference"
-    if device.type == "cpu":
-        if _extension.load(extension) is not None:
-            return "cpp"
-        fallback(f"{op}:cpu", _extension.status(extension))
-        return "reference"
-    fallback(f"{op}:{device.type}", f"no fused kernel for device type {device.type!r}")
-    return "reference"
+class Registry:
+    """The backends of op ``op`` per device type (``by_device``: fastest first, without the
+    reference, which every list ends with)."""
+
+    def __init__(self, op: str, reference: ModuleType, **by_device: Sequence[ModuleType]):
+        self.op, self.reference = op, reference
+        self.by_device = {device: (*backends, reference) for device, backends in by_device.items()}
+        REGISTRIES.append(self)
+
+    def candidates(self, device: torch.device) -> tuple[ModuleType, ...]:
+        return self.by_device.get(device.type, (self.reference,))
+
+    def choose(self, device: torch.device, *args) -> ModuleType:
+        """The backend that runs the op on ``args`` (tensors on ``device``)."""
+        if _forced:
+            return self._forced(_forced[-1], device, args)
+        if device.type not in self.by_device:
+            fallback(f"{self.op}:{device.type}", f"no fused kernel for device type {device.type!r}")
+        for backend in self.candidates(device):
+            status = backend.status(device)
+            if status != "available":
+                fallback(f"{self.op}:{backend.NAME}", status)
+                continue
+            unsupported = backend.unsupported(*args)
+            if unsupported is None:
+                return backend
+            key, reason = unsupported
+            fallback(f"{self.op}:{backend.NAME}:{key}", reason)
+        raise AssertionError(f"{self.op}: the reference backend refused {device}")  # it never does
+
+    def _forced(self, name: str, device: torch.device, args: tuple) -> ModuleType:
+        backend = next((b for backends in self.by_device.values() for b in backends if b.NAME == name), None)
+        if backend is None:
+            fallback(f"{self.op}:{name}", f"{self.op} has no {name} backend; using the reference")
+            return self.reference
+        status = backend.status(device)
+        if status != "available":
+            raise RuntimeError(f"{self.op}: backend {name!r} forced but {status}")
+        unsupported = backend.unsupported(*args)
+        if unsupported is None:
+            return backend
+        key, reason = unsupported
+        fallback(f"{self.op}:{name}:{key}", reason)
+        return self.reference
+
+    def describe(self) -> list[str]:
+        """One line per device type: its backends in order, each with its status here."""
+        lines = []
+        for device, backends in self.by_device.items():
+            states = [f"{b.NAME} ({b.status(torch.device(device))})" for b in backends]
+            lines.append(f"{self.op} on {device}: {' > '.join(states)}")
+        return lines

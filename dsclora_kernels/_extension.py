@@ -1,4 +1,4 @@
-"""Lazy import of the compiled CPU kernels (``dsclora_kernels._<name>``, built from csrc/).
+"""Lazy import of the compiled CPU kernels (``dsclora_kernels._<name>``, built from csrc/cpu/<name>.cpp).
 
 The build (setup.py) never fails the install over an extension: it writes each extension's
 outcome to ``_build_report.json`` next to the modules, and a module that is missing says why.
@@ -51,3 +51,11 @@ def load(name: str) -> ModuleType | None:
 def status(name: str) -> str:
     """'available' or the reason the compiled module ``_<name>`` cannot be used."""
     return "available" if load(name) is not None else _REASONS[name]
+
+
+def cpu_status(name: str, device) -> str:
+    """'available' or why the kernels of ``_<name>`` cannot take tensors on ``device``."""
+    if device.type != "cpu":
+        return (f"the tensors are on {device}; the C++ kernels take CPU tensors only "
+                "(use backend 'triton' or move them with .cpu())")
+    return status(name)

@@ -1,7 +1,7 @@
 """The one checked path from Python into the C++ kernels (``dsclora_kernels._<name>``, csrc/).
 
 A tensor crosses as a TensorArg ``(address, dtype, shape, strides in elements)``
-(csrc/tensor_view.h), made only by `tensor` after it checked that the memory is CPU memory
+(csrc/common/tensor_view.h), made only by `tensor` after it checked that the memory is CPU memory
 of the expected dtype and layout: a CUDA (or meta) tensor never reaches C++ as a pointer.
 The TensorArg holds the tensor, so the memory lives as long as the argument does.
 `call` runs a kernel on the instruction set `isa` picks: the best this CPU runs, or the one
@@ -16,7 +16,7 @@ import torch
 from . import _extension
 
 ISA_VARIABLE = "DSCLORA_CPU_ISA"
-#: Instruction sets of the C++ kernels, best first (csrc/cpu_features.h); "generic" runs everywhere.
+#: Instruction sets of the C++ kernels, best first (csrc/common/cpu_features.h); "generic" runs everywhere.
 ISAS = ("avx512", "avx2", "generic")
 #: Layout requirements of `tensor`: any strides, C-contiguous, unit stride in the last dimension.
 LAYOUTS = ("strided", "contiguous", "rows")

@@ -1,7 +1,7 @@
 """Ahead-of-time resource check of every Triton launch the fused ops make on a GPU; no GPU needed.
 
-Each launch is built by its launcher's own code (``spab_triton.aot_launch``,
-``affinity_triton.aot_launch``: the same arguments, constexprs, num_warps, num_stages and, for
+Each launch is built by its launcher's own code (``spab.triton.aot_launch``,
+``affinity.triton.aot_launch``: the same arguments, constexprs, num_warps, num_stages and, for
 the autotuned kernel, the configurations left after pruning for the architecture), specialised
 by Triton's own binder and compiled with ``triton.compile`` for ``GPUTarget("cuda", capability,
 32)`` for every architecture in ``gpu_arch.ARCHS``. Shared memory is the compiled metadata;
@@ -30,8 +30,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import affinity_triton, gpu_arch, spab_triton
-from ._dispatch import triton_interpreting
+from . import gpu_arch
+from .affinity import triton as affinity_triton
+from .spab import triton as spab_triton
+from .triton_support import padded_channels, triton_interpreting
 
 #: SPAN's channel widths: 26 / 28 pad to 32 channels, 48 / 52 to 64.
 SPAB_CHANNELS = (26, 48)
@@ -76,7 +78,7 @@ def cases(archs: Optional[tuple[str, ...]] = None, kernels: tuple[str, ...] = ("
         for dtype in spab_triton.DTYPES if "spab" in kernels else ():
             for channels in SPAB_CHANNELS:
                 for recompute in (False, True):
-                    config = spab_triton.launch_config(arch, dtype, spab_triton.padded_channels(channels), recompute)
+                    config = spab_triton.launch_config(arch, dtype, padded_channels(channels), recompute)
                     result.append(Case("spab", str(dtype)[6:], str(channels), "recompute" if recompute else "forward",
                                        _describe(config), arch.name, (dtype, channels, recompute)))
         for cs, ct in AFFINITY_CHANNELS if "affinity" in kernels else ():

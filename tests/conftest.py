@@ -27,7 +27,7 @@ def _seed():
 
 @pytest.fixture(params=["avx512", "avx2", "generic"])
 def cpu_isa(request, monkeypatch) -> str:
-    """Runs the test once per instruction set of the C++ kernels (csrc/cpu_features.h) that this
+    """Runs the test once per instruction set of the C++ kernels (csrc/common/cpu_features.h) that this
     CPU runs, chosen the way users choose it: the DSCLORA_CPU_ISA environment variable."""
     from dsclora_kernels import EXTENSIONS, _native
 

@@ -14,7 +14,9 @@ import torch
 
 import dsclora
 from dsclora_kernels import _extension, _launches, spatial_affinity_loss, spatial_affinity_loss_reference, use_backend
-from dsclora_kernels import affinity
+from dsclora_kernels.affinity import cpu as affinity_cpu
+from dsclora_kernels.affinity import prepare
+from dsclora_kernels.affinity import reference as affinity_reference
 
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4  # relative loss error, relative L2 error of each gradient
 # The interpreted Triton kernel (exact fp32 products, float64 sums): about 4x the largest errors
@@ -256,10 +258,10 @@ def test_instruction_sets_agree(cpu_isa, dtype):
         pytest.skip(_extension.status("affinity"))
     student, teacher = features(2, 26, 28, 9, 13, dtype=dtype)
     n = student.shape[2] * student.shape[3]
-    prepared = [affinity._normalise(f.detach(), 1e-8, dtype, module.leading_dimension(n)) for f in (student, teacher)]
-    unpadded = [affinity._normalise(f.detach(), 1e-8, dtype) for f in (student, teacher)]
-    total, gs, gt = affinity._pass_reference(*unpadded, True, True, "ieee", 1e-8)
-    got_total, got_gs, got_gt = affinity._pass_cpp(*prepared, True, True, "ieee", 1e-8)
+    prepared = [prepare.normalise(f.detach(), 1e-8, dtype, module.leading_dimension(n)) for f in (student, teacher)]
+    unpadded = [prepare.normalise(f.detach(), 1e-8, dtype) for f in (student, teacher)]
+    total, gs, gt = affinity_reference.l1_pass(*unpadded, True, True, "ieee", 1e-8)
+    got_total, got_gs, got_gt = affinity_cpu.l1_pass(*prepared, True, True, "ieee", 1e-8)
     assert abs(got_total.item() - total.item()) <= 1e-6 * total.item()
     assert relative(got_gs[..., :n], gs) <= 1e-6 and relative(got_gt[..., :n], gt) <= 1e-6
     assert torch.count_nonzero(got_gs[..., n:]) == 0  # padding pixels get no gradient
@@ -292,12 +294,12 @@ def test_nearly_all_entries_tie(cpu_isa, case):
     else:
         student, teacher = (torch.randn(2, c, 1, 1) * (torch.rand(2, 1, 9, 11) + 0.5) for c in (26, 28))
     n = student.shape[2] * student.shape[3]
-    prepared = [affinity._normalise(f, 1e-8, torch.float32, module.leading_dimension(n)) for f in (student, teacher)]
-    d = affinity._differences(*prepared, 1e-8)
-    assert (d.abs() < affinity._tie_bound(prepared, "ieee")).double().mean() > 0.99
+    prepared = [prepare.normalise(f, 1e-8, torch.float32, module.leading_dimension(n)) for f in (student, teacher)]
+    d = prepare.differences(*prepared, 1e-8)
+    assert (d.abs() < prepare.tie_bound(prepared, "ieee")).double().mean() > 0.99
     # signs float64 decides: |D| well above its rounding error, ≤ (Cs + Ct)·2⁻⁵³ (unit vectors)
     resolved = d.abs() > 10 * (student.shape[1] + teacher.shape[1]) * 2.0**-53
-    _, *grads = affinity._pass_cpp(*prepared, True, True, "ieee", 1e-8)
+    _, *grads = affinity_cpu.l1_pass(*prepared, True, True, "ieee", 1e-8)
     if case == "close":  # (the diagonal, D_ii ≈ 0, is not resolved)
         for x, g in zip(prepared, grads):
             signs = torch.linalg.lstsq(x.xhat[..., :n].double(), g[..., :n].double()).solution

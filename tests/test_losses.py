@@ -2,9 +2,7 @@
 import pytest
 import torch
 
-import dsclora_kernels
 from dsclora.losses import DSCLoRALoss, affinity_distillation
-from dsclora_kernels import _log
 
 
 def naive_affinity(f_s, f_t):
@@ -94,16 +92,6 @@ def test_bf16_features_are_measured_in_float32():
     full = affinity_distillation(f_s, f_t)
     half = affinity_distillation([f.bfloat16() for f in f_s], [f.bfloat16() for f in f_t])
     assert half.dtype == torch.float32 and torch.allclose(half, full, rtol=0.05)
-
-
-def test_missing_fused_op_falls_back_to_the_reference_and_logs_it(monkeypatch):
-    monkeypatch.delattr(dsclora_kernels, "spatial_affinity_loss")
-    monkeypatch.setattr(_log, "FALLBACKS", {})
-    _, _, _, f_s, f_t = make_inputs()
-    with pytest.warns(RuntimeWarning, match="affinity"):
-        value = affinity_distillation(f_s, f_t)
-    assert "affinity:losses" in _log.FALLBACKS
-    assert torch.allclose(value, sum(naive_affinity(a, b) for a, b in zip(f_s, f_t)))
 
 
 def test_bad_arguments_are_named():

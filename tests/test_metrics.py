@@ -8,7 +8,9 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from dsclora import metrics
-from dsclora_kernels import _extension, _log, metrics_ops, use_backend
+from dsclora_kernels import _extension, _log, use_backend
+from dsclora_kernels import metrics as metrics_ops
+from dsclora_kernels.metrics import reference as metrics_reference
 
 
 def y_of(img):
@@ -158,8 +160,8 @@ def test_cpp_path_is_used_by_default(monkeypatch):
     def forbidden(*args):
         raise AssertionError("reference path used although the C++ kernel is available")
 
-    monkeypatch.setattr(metrics_ops, "ssim_mean_reference", forbidden)
-    monkeypatch.setattr(metrics_ops, "rgb_to_y_reference", forbidden)
+    monkeypatch.setattr(metrics_reference, "ssim_mean", forbidden)
+    monkeypatch.setattr(metrics_reference, "rgb_to_y", forbidden)
     sr, hr = image_pair((30, 30, 3), 4)
     assert abs(metrics.ssim(sr, hr, 2) - naive_ssim(sr, hr, 2, "y")) < 1e-10
 
@@ -172,4 +174,4 @@ def test_missing_extension_falls_back_with_a_logged_reason(monkeypatch):
     with pytest.warns(RuntimeWarning, match="not built \\(test\\)"):
         value = metrics.ssim(sr, hr)
     assert abs(value - naive_ssim(sr, hr, 0, "y")) < 1e-10
-    assert _log.FALLBACKS.get("ssim:cpu") == "not built (test)"
+    assert _log.FALLBACKS.get("ssim:cpp") == "not built (test)"

@@ -72,6 +72,22 @@ def test_sigkill_sequence_with_random_times_never_corrupts_and_resumes_exactly(r
     assert differing_outputs(tmp_path / "run", reference_dir) == []
 
 
+def test_leftovers_of_safetensors_own_writer_are_swept(tmp_path):
+    """Older versions saved with safetensors.save_file, whose temporary (.tmp + 6 characters) a kill
+    left behind; the next save removes those names, and only those, from the checkpoints folder."""
+    import torch
+
+    from dsclora.train import checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in (".tmpvIyBGf", ".tmpvIyBGfx", "notes.txt", ".tmp12"):
+        (folder / name).write_bytes(b"x")
+    checkpoint.save(folder, "last", {"w": torch.zeros(2)}, {"iteration": 1})
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp12", ".tmpvIyBGfx", "last-000000001.safetensors",
+                                                        "last.json", "notes.txt"]
+
+
 @pytest.mark.parametrize("file", ["last-000000003.safetensors for 3", "last.json for 3"])
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(reference, tmp_path, file):
     config, snapshots, reference_dir, _ = reference

@@ -1,17 +1,16 @@
 """The fused SPAB op (dsclora_kernels.spab) against its PyTorch reference: C++ and Triton
 (interpreted on CPU tensors) backends, forward and gradients, custom-op machinery, SPAN's
 fused path. Expected values are float64 runs of the reference."""
-import importlib
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dsclora.models import SPAN, load_model
-from dsclora_kernels import _extension, _log, _native, spab, spab_reference, spab_triton, use_backend
-
-spab_module = importlib.import_module("dsclora_kernels.spab")
+from dsclora_kernels import _extension, _log, _native, spab, spab_reference, use_backend
+from dsclora_kernels.spab import cpu as spab_cpu
+from dsclora_kernels.spab import reference as spab_ref
+from dsclora_kernels.spab import triton as spab_triton
 needs_cpp = pytest.mark.skipif(_extension.load("spab") is None, reason="C++ extension _spab not built")
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
 BOTH_PASSES = ("spab.forward", "spab.recompute")  # the Triton kernel's launches in forward + backward
@@ -87,9 +86,9 @@ TILINGS = [(8, 3, 3), (5, 1, 2), (13, 4, 1), (64, 2, 4)]  # strip width, band he
 def test_cpp_tilings_give_the_same_result(strip_width, band_height, threads):
     """Strips and bands recompute their halos: every tiling must equal the reference."""
     x, weights = block_inputs(2, 26, 10, 29)
-    isa, packed = spab_module._cpp(weights)
+    isa, packed = spab_cpu.packed_weights(weights)
     out, h1 = torch.empty_like(x), torch.empty_like(x)
-    arg = spab_module._arg
+    arg = spab_cpu.arg
     _native.call("spab", "forward", arg(x, "x"), arg(out, "out"), arg(h1, "h1"), packed, threads=threads, isa=isa,
                  strip_width=strip_width, band_height=band_height)
     assert max_error((out, h1), reference64(x, weights)) <= 1e-4
@@ -99,12 +98,12 @@ def test_cpp_tilings_give_the_same_result(strip_width, band_height, threads):
 @pytest.mark.parametrize("strip_width,band_height,threads", TILINGS)
 def test_cpp_backward_steps_under_any_tiling(strip_width, band_height, threads):
     """The backward's C++ steps: (conv(in, w) + add) * mul and the weight gradient."""
-    arg, tiling = spab_module._arg, dict(strip_width=strip_width, band_height=band_height)
+    arg, tiling = spab_cpu.arg, dict(strip_width=strip_width, band_height=band_height)
     inp, (w, b, *_) = block_inputs(2, 26, 10, 29)
     add, mul = torch.randn_like(inp), torch.randn_like(inp).contiguous(memory_format=torch.channels_last)
     out = torch.empty_like(inp)
     isa = _native.isa("spab")
-    packed = spab_module._pack_cpu(w, isa=isa)[0]
+    packed = spab_cpu.pack(w, isa=isa)[0]
     _native.call("spab", "conv", arg(inp, "inp"), arg(out, "out"), arg(packed, "w"), arg(b, "b"), arg(add, "add"),
                  arg(mul, "mul"), threads=threads, isa=isa, **tiling)
     inp64, w64, b64 = inp.double(), w.double(), b.double()
@@ -115,7 +114,7 @@ def test_cpp_backward_steps_under_any_tiling(strip_width, band_height, threads):
     g_w, g_b = torch.empty_like(w), torch.empty_like(b)
     _native.call("spab", "wgrad", arg(g, "g"), arg(inp, "inp"), arg(g_w, "dw"), arg(g_b, "db"), threads=threads,
                  **tiling)
-    _, expected_w, expected_b = spab_module._conv_backward(g.double(), inp64, w64, (False, True, True))
+    _, expected_w, expected_b = spab_ref.conv_backward(g.double(), inp64, w64, (False, True, True))
     assert relative_l2((g_w, g_b), (expected_w, expected_b)) <= 1e-6
     g_w1 = torch.empty_like(w)  # the same result on one thread: deterministic
     _native.call("spab", "wgrad", arg(g, "g"), arg(inp, "inp"), arg(g_w1, "dw"), None, threads=1, **tiling)

@@ -5,7 +5,8 @@ from Triton's bundled ptxas). Compiling takes a few minutes of CPU on a cold Tri
 import os
 from collections import Counter
 
-from dsclora_kernels import gpu_arch, spab_triton, triton_budget
+from dsclora_kernels import gpu_arch, triton_budget
+from dsclora_kernels.spab import triton as spab_triton
 
 
 def test_every_triton_launch_fits_every_gpu():

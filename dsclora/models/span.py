@@ -101,7 +101,7 @@ class SPAN(nn.Module):
         for index, block in enumerate(self.blocks):
             if feature_set == "dscf" and index < DSCF_FEATURE_BLOCKS:
                 if block.fused:
-                    from dsclora_kernels._log import fallback
+                    from dsclora_kernels import fallback
 
                     fallback("spab:dscf-features", "the DSCF feature set needs h2 and o3 of blocks 1-3, "
                              "which the fused op does not return; those blocks run the plain path")

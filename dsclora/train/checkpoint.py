@@ -7,10 +7,11 @@ file removed: a crash at any point leaves a complete, consistent checkpoint. Wha
 besides (temporary files, a tensor file no JSON points to) is removed by the next ``save``.
 Files are serialised in memory and written by ``write_bytes`` into ``atomic_write``'s temporary,
 so no library makes a temporary file of its own here (``safetensors.torch.save_file`` would: a
-kill inside it left a ``.tmpXXXXXX`` no sweep could recognise).
+kill inside it left a ``.tmpXXXXXX``; ``remove_leftovers`` sweeps those of older versions).
 """
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -64,10 +65,17 @@ def save(folder: Path, name: str, tensors: dict[str, torch.Tensor], state: dict)
     return json_path
 
 
+#: What ``safetensors.torch.save_file`` (dsclora <= 0.1.0 wrote checkpoints with it) leaves when killed:
+#: the Rust tempfile crate's ``.tmp`` + 6 random characters. Only swept in the checkpoints folder.
+_FOREIGN_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
 def remove_leftovers(folder: Path, name: str, keep: Path | None) -> list[Path]:
     """Delete what interrupted saves of checkpoint ``name`` left in ``folder``: temporary files
-    and tensor files other than ``keep`` (the one its JSON points to). Returns the deleted paths."""
+    (ours, and those of safetensors' own writer from older versions) and tensor files other than
+    ``keep`` (the one its JSON points to). Returns the deleted paths."""
     stale = [p for p in Path(folder).glob(f".{name}[.-]*.tmp")]
+    stale += [p for p in Path(folder).glob(".tmp*") if _FOREIGN_TEMPORARY.fullmatch(p.name) and p.is_file()]
     stale += [p for p in Path(folder).glob(f"{name}-*.safetensors") if p != keep]
     for path in stale:
         path.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ at 1e-4 (the float32 normalisation's own floor), where the trace form is off by 
 import torch
 import torch.nn.functional as F
 
-from .affinity_reference import normalised_pixels
+from .reference import normalised_pixels
 
 
 def squared_affinity_loss(f_student, f_teacher, *, reduction: str, eps: float, dtype: torch.dtype):

@@ -1,10 +1,14 @@
-"""The spatial-affinity distillation loss of SPEC §4, materialised: the specification.
+"""The spatial-affinity distillation loss of SPEC §4, materialised: the specification, and the
+``"reference"`` backend of the fused op (its pass materialises D in float64).
 
 It builds the (B, N, N) affinity matrices, so it is only for tests and tiny inputs; the fused op
 ``dsclora_kernels.spatial_affinity_loss`` computes the same value and gradient in O(B·C·N) memory.
 """
 import torch
 
+from .prepare import Normalised, differences
+
+NAME = "reference"
 REDUCTIONS = ("mean", "sum")
 
 
@@ -34,3 +38,25 @@ def spatial_affinity_loss_reference(
     difference = x_s.transpose(1, 2) @ x_s - x_t.transpose(1, 2) @ x_t
     difference = difference.abs() if p == 1 else difference.square()
     return difference.mean() if reduction == "mean" else difference.sum()
+
+
+# ---- the "reference" backend of the fused op ----
+
+def status(device: torch.device) -> str:
+    return "available"
+
+
+def unsupported(*features: torch.Tensor) -> None:
+    return None
+
+
+def leading_dimension(n: int) -> int:
+    return n
+
+
+def l1_pass(xs: Normalised, xt: Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float):
+    """Σ|S − T| and G_s, G_t (or None), materialising D (B, N, N) in float64: tiny inputs, other devices."""
+    d = differences(xs, xt, eps)
+    sign = d.sign().to(xs.xhat.dtype)  # symmetric: G = x̂ sign(D)
+    g = [x.xhat @ sign if wanted else None for x, wanted in ((xs, grad_s), (xt, grad_t))]
+    return d.abs().sum(), *g

@@ -19,14 +19,17 @@ from typing import NamedTuple
 
 import torch
 
-from . import _launches, gpu_arch
-from ._dispatch import triton_interpreting
+from .. import _launches, gpu_arch, triton_support
+from ..triton_support import padded_channels, triton_interpreting
+from .prepare import Normalised, normalise, tie_bound
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # dispatch never chooses "triton" without it (_dispatch.triton_status)
+except ImportError:  # the registry never chooses "triton" without it (triton_support.triton_status)
     triton = None
+
+NAME = "triton"
 
 #: Row block under the interpreter (autotuning is bypassed there); its column block is half of it,
 #: so the rectangular-tile logic is what CI tests.
@@ -45,10 +48,6 @@ GPU_BLOCKS = {
     "ieee": (SMALL_BLOCK,),
     "fp64": (SMALL_BLOCK,),
 }
-
-
-def _padded_channels(c: int) -> int:
-    return max(16, triton.next_power_of_2(c))
 
 
 def shared_bound(block: tuple, meta: dict, itemsize: int) -> float:
@@ -178,7 +177,7 @@ def _kernel_call(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_bound: 
     # Σ_j |D_ij| per row i: every config writes all of it (autotuning runs several on one buffer)
     row_loss = xs.xhat.new_empty(batch, n, dtype=torch.float64)
     args = (xs.xhat, xt.xhat, gs, gt, xs.raw, xt.raw, rs, rt, row_loss, n, cs, ct, tie_bound)
-    meta = dict(CS_PAD=_padded_channels(cs), CT_PAD=_padded_channels(ct), GRAD_S=grad_s, GRAD_T=grad_t,
+    meta = dict(CS_PAD=padded_channels(cs), CT_PAD=padded_channels(ct), GRAD_S=grad_s, GRAD_T=grad_t,
                 PRECISION=precision, EXACT_SIGNS=tie_bound > 0)
     return args, meta, (row_loss, gs if grad_s else None, gt if grad_t else None)
 
@@ -186,7 +185,7 @@ def _kernel_call(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_bound: 
 def affinity_l1_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_bound: float, eps: float):
     """Σ|S − T| (float64 scalar) and G = Σ_j sign(D_ij) x̂_j for student / teacher (or None).
 
-    xs, xt: prepared inputs (``affinity._Normalised``: x̂ (B, C, N) contiguous, raw F, norms).
+    xs, xt: prepared inputs (``prepare.Normalised``: x̂ (B, C, N) contiguous, raw F, norms).
     With tie_bound > 0, entries with |D| < tie_bound are recomputed in float64 (exact signs).
     """
     if grad_t and not grad_s:  # one compiled variant fewer: swap the roles. Σ|S − T| is symmetric,
@@ -204,6 +203,26 @@ def affinity_l1_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_b
     return row_loss.sum(), gs, gt
 
 
+# ---- the "triton" backend of the affinity loss ----
+
+def status(device: torch.device) -> str:
+    return triton_support.status(device)
+
+
+def unsupported(*features: torch.Tensor) -> None:
+    return None
+
+
+def leading_dimension(n: int) -> int:
+    return n
+
+
+def l1_pass(xs: Normalised, xt: Normalised, grad_s: bool, grad_t: bool, precision: str, eps: float):
+    """Σ|S − T| and G_s, G_t (or None) with the kernel, signs exact (tie bound) with gradients."""
+    bound = tie_bound((xs, xt), precision) if grad_s or grad_t else 0.0
+    return affinity_l1_triton(xs, xt, grad_s, grad_t, precision, bound, eps)
+
+
 # ---- ahead-of-time compilation (triton_budget) ----
 
 class AotCase(NamedTuple):
@@ -214,14 +233,12 @@ class AotCase(NamedTuple):
 
 
 def _aot_inputs(cs: int, ct: int, dtype: torch.dtype, grad_s: bool, grad_t: bool, precision: str):
-    """The launch ``affinity._pass_triton`` makes for CUDA features (1, cs|ct, 32, 32) of ``dtype``,
+    """The launch ``l1_pass`` makes for CUDA features (1, cs|ct, 32, 32) of ``dtype``,
     built on CPU tensors: (arguments, constexprs)."""
-    from . import affinity
-
     eps = 1e-8
-    xs, xt = (affinity._normalise(torch.ones(1, c, 32, 32, dtype=dtype), eps, dtype) for c in (cs, ct))
-    tie_bound = affinity._tie_bound((xs, xt), precision) if grad_s or grad_t else 0.0  # as _pass_triton
-    args, meta, _ = _kernel_call(xs, xt, grad_s, grad_t, precision, tie_bound, eps)
+    xs, xt = (normalise(torch.ones(1, c, 32, 32, dtype=dtype), eps, dtype) for c in (cs, ct))
+    bound = tie_bound((xs, xt), precision) if grad_s or grad_t else 0.0  # as l1_pass
+    args, meta, _ = _kernel_call(xs, xt, grad_s, grad_t, precision, bound, eps)
     return args, meta
 
 

@@ -14,21 +14,27 @@ against each architecture's shared-memory and register budget (``triton_budget``
 
 ``recompute=True`` is the backward's variant: instead of ``out`` it writes the intermediates
 h1, h2, silu'(a1), silu'(a2), dL/do3 and the residual's share of dL/dx (see
-``spab_reference.spab_recompute_reference``). fp16/bf16 accumulate in fp32; fp32 products
+``reference.spab_recompute_reference``). fp16/bf16 accumulate in fp32; fp32 products
 use ``tf32x3`` on the GPU (error ≈ fp32) and exact fp32 under the interpreter, which also
 upcasts bf16 (its bf16 ``tl.dot`` is wrong).
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+from torch import Tensor
 
-from . import _launches, gpu_arch
+from .. import _launches, gpu_arch, triton_support
+from ..triton_support import padded_channels
+from .reference import input_grad, weight_grads  # noqa: F401 -- the convolutions' gradients: PyTorch's (cuDNN)
+from .weight_cache import cached
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # dispatch never chooses "triton" without it (_dispatch.triton_status)
+except ImportError:  # the registry never chooses "triton" without it (triton_support.triton_status)
     triton = None
+
+NAME = "triton"
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest frame side (pixels).
@@ -103,10 +109,6 @@ def frame(h: int, w: int, config: LaunchConfig) -> tuple[int, int, int]:
     rows = max(1, config.panel // frame_w)
     frame_h = min(triton.cdiv(MAX_FRAME, rows), triton.cdiv(h + 4, rows)) * rows
     return frame_h, frame_w, rows
-
-
-def padded_channels(c: int) -> int:
-    return max(16, triton.next_power_of_2(c))
 
 
 def pack_weights(w1, b1, w2, b2, w3, b3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,11 +308,27 @@ def aot_launch(dtype: torch.dtype, channels: int, recompute: bool, arch: gpu_arc
     return _spab_kernel, grid, args, meta, config.programs_per_sm
 
 
-def forward(x, packed, out, h1) -> None:
+# ---- the "triton" backend of spab ----
+
+def status(device: torch.device) -> str:
+    return triton_support.status(device)
+
+
+def unsupported(x: Tensor) -> Optional[tuple[str, str]]:
+    if x.dtype not in DTYPES:
+        return str(x.dtype), f"the Triton kernel supports {DTYPES}; using the PyTorch reference"
+    if x.is_cuda and padded_channels(x.shape[1]) > MAX_CHANNELS:
+        return f"C={x.shape[1]}", f"the GPU launch table covers up to {MAX_CHANNELS} channels; using the PyTorch reference"
+    return None
+
+
+def forward(x: Tensor, weights: tuple[Tensor, ...], out: Tensor, h1: Tensor) -> None:
     """Fill out and h1 (both like x) with the block's outputs."""
-    _launch(x, packed, (out, h1, None, None, None, None, None))
+    _launch(x, cached(weights, "triton", pack_weights), (out, h1, None, None, None, None, None))
 
 
-def recompute(x, g_out, packed, h1, h2, d1, d2, g_o3, g_xres) -> None:
-    """Fill the six backward intermediates (all like x) from x and dL/dout."""
-    _launch(x, packed, (None, h1, h2, d1, d2, g_o3, g_xres), g_out=g_out)
+def recompute(x: Tensor, g_out: Tensor, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The six backward intermediates (h1, h2, d1, d2, g_o3, g_xres; all like x) from x and dL/dout."""
+    outputs = tuple(torch.empty_like(x) for _ in range(6))
+    _launch(x, cached(weights, "triton", pack_weights), (None, *outputs), g_out=g_out)
+    return outputs
