@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import write_bytes
+
 
 STANDARD_IMG_RANGE = 255.0
 
@@ -456,7 +458,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                f"the teacher, merged: same size and speed as the base.\nTotal time {seconds:.0f} s.\n\n"
                f"{note}\n\n"
                + "".join(f"- {k}: {v}\n" for k, v in files.items()))
-    (settings.out / "README.md").write_text(summary)
+    write_bytes(settings.out / "README.md", summary.encode())
     _say("\n" + table)
     for key, path in files.items():
         _say(f"{key}: {path}")

@@ -1,4 +1,5 @@
 """Reading and writing images as float arrays in [0, 1], and numpy <-> torch layout helpers."""
+import io
 import struct
 import zlib
 from dataclasses import dataclass
@@ -8,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..atomic import atomic_path
+from ..atomic import write_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -140,12 +141,6 @@ def _png16_bytes(samples: np.ndarray, level: int = 6) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, level)) + chunk(b"IEND", b"")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(temp_path) on a temporary file beside ``path``, then move it into place."""
-    with atomic_path(path, suffix=path.suffix) as tmp:
-        write(str(tmp))
-
-
 def save_image(path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8, gray: bool = False,
                png_level: int = 6, quality: int | None = None) -> None:
     """Write ``rgb`` (H, W, 3) or (H, W) float in [0, 1] atomically; format from the suffix.
@@ -200,13 +195,14 @@ def save_samples(path, samples: np.ndarray, png_level: int = 6, quality: int | N
     path.parent.mkdir(parents=True, exist_ok=True)
     if samples.dtype == np.uint16:
         data = _png16_bytes(samples, png_level)
-        _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-        return
-    options = {"PNG": {"compress_level": png_level}}.get(fmt, {})
-    if quality is not None and fmt in ("JPEG", "WEBP"):
-        options["quality"] = quality
-    image = Image.fromarray(samples[..., 0] if samples.shape[2] == 1 else samples)
-    _atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **options))
+    else:
+        options = {"PNG": {"compress_level": png_level}}.get(fmt, {})
+        if quality is not None and fmt in ("JPEG", "WEBP"):
+            options["quality"] = quality
+        buffer = io.BytesIO()  # encoded in memory: written through our one temporary only
+        Image.fromarray(samples[..., 0] if samples.shape[2] == 1 else samples).save(buffer, format=fmt, **options)
+        data = buffer.getvalue()
+    write_bytes(path, data, suffix=path.suffix)
 
 
 def list_images(folder) -> list[Path]:
