@@ -45,6 +45,13 @@ def atomic_path(path: Path, *, suffix: str = ".tmp", durable: bool = False):
         _fsync_directory(path.parent)
 
 
+def write_bytes(path: Path, data: bytes, *, suffix: str = ".tmp", durable: bool = False) -> None:
+    """Replace ``path`` by ``data`` through ``atomic_path`` (no other temporary file is made:
+    serialise to bytes first rather than letting a library write through its own)."""
+    with atomic_path(path, suffix=suffix, durable=durable) as tmp:
+        tmp.write_bytes(data)
+
+
 def _fsync_directory(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

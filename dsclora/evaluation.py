@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .data import image_to_tensor, imresize, list_images, load_image, mod_crop
+from .data import image_to_tensor, imresize, list_images, load_image, mod_crop, pair_lr_files
 
 
 @dataclass
@@ -28,31 +28,20 @@ def _to_levels(rgb: np.ndarray) -> np.ndarray:
     return np.round(np.clip(rgb.astype(np.float64), 0, 1) * 255)
 
 
-def _match_lr(hr_path: Path, lr_by_stem: dict[str, Path], lr_dir: Path, scale: int) -> Path:
-    for stem in (hr_path.stem, f"{hr_path.stem}x{scale}", f"{hr_path.stem}_x{scale}"):
-        if stem in lr_by_stem:
-            return lr_by_stem[stem]
-    raise FileNotFoundError(
-        f"{lr_dir}: no LR image for {hr_path.name} (looked for {hr_path.stem}, {hr_path.stem}x{scale}, "
-        f"{hr_path.stem}_x{scale} with an image suffix)"
-    )
-
-
 def load_pairs(hr_dir, lr_dir=None, scale: int = 4) -> list[ImagePair]:
     """HR images of ``hr_dir`` (mod-cropped, grey expanded to RGB) with their LR images.
 
     Without ``lr_dir`` the LR is ``round(clip(imresize(HR, 1/scale) * 255))``. With it, LR files
-    are matched by stem, allowing a ``x{scale}`` or ``_x{scale}`` suffix (``babyx4.png``).
+    are paired by ``dsclora.data.pair_lr_files`` (``baby.png`` with ``baby.png``, ``babyx4.png`` or ``baby_x4.png``).
     """
     hr_paths = list_images(hr_dir)
-    lr_by_stem = {p.stem: p for p in list_images(lr_dir)} if lr_dir is not None else {}
+    lr_paths = pair_lr_files(hr_paths, lr_dir, scale) if lr_dir is not None else [None] * len(hr_paths)
     pairs = []
-    for hr_path in hr_paths:
+    for hr_path, lr_path in zip(hr_paths, lr_paths):
         hr = mod_crop(_to_levels(load_image(hr_path).rgb), scale)
         if lr_dir is None:
             lr = _to_levels(imresize(hr / 255.0, 1 / scale))
         else:
-            lr_path = _match_lr(hr_path, lr_by_stem, Path(lr_dir), scale)
             lr = _to_levels(load_image(lr_path).rgb)
             expected = (hr.shape[0] // scale, hr.shape[1] // scale, 3)
             if lr.shape != expected:

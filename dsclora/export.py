@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import importlib
 import inspect
+import io
 import json
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import atomic_path
+from .atomic import write_bytes
 from .models import SPAN, Conv3XC
 from .models.span import DEFAULT_RGB_MEAN
 from .models.loading import SpanConfig
@@ -173,13 +174,15 @@ def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path, metadata: 
     path = Path(path)
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise ValueError(f"{path}: checkpoint files end in {' or '.join(CHECKPOINT_SUFFIXES)}")
-    with _replacing(path) as tmp:
-        if path.suffix == ".safetensors":  # serialised here: save_file writes through a temporary of its own
-            from safetensors.torch import save as serialise
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save as serialise
 
-            tmp.write_bytes(serialise({k: v.contiguous() for k, v in state.items()}, metadata=metadata))
-        else:
-            torch.save(state, tmp)
+        data = serialise({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
+    else:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+    _replace(path, data)
     return path
 
 
@@ -202,17 +205,18 @@ def export_onnx(model: SPAN, path: str | Path, dtype: torch.dtype = torch.float3
     legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     dynamic_in = {0: "batch", 2: "height", 3: "width"}
     dynamic_out = {0: "batch", 2: "out_height", 3: "out_width"}  # scale x height, scale x width
-    with _replacing(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+    buffer = io.BytesIO()  # in memory: no exporter writes a file of its own beside ``path``
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
         torch.onnx.export(
-            plain, (example,), str(tmp), opset_version=ONNX_OPSET, input_names=["input"],
+            plain, (example,), buffer, opset_version=ONNX_OPSET, input_names=["input"],
             output_names=["output"], dynamic_axes={"input": dynamic_in, "output": dynamic_out}, **legacy,
         )
-        proto = onnx.load(str(tmp))
-        for key, value in (metadata or {}).items():
-            proto.metadata_props.add(key=key, value=value)
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in (metadata or {}).items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+    _replace(path, proto.SerializeToString())
     return path
 
 
@@ -255,7 +259,7 @@ def _require(module: str, purpose: str):
         ) from exc
 
 
-def _replacing(path: Path):
-    """``atomic_path`` for an export target whose folder may not exist yet."""
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically to ``path``, making its folder if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_path(path)
+    write_bytes(path, data)

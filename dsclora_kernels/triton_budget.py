@@ -6,12 +6,12 @@ the autotuned kernel, the configurations left after pruning for the architecture
 by Triton's own binder and compiled with ``triton.compile`` for ``GPUTarget("cuda", capability,
 32)`` for every architecture in ``gpu_arch.ARCHS``. Shared memory is the compiled metadata;
 registers and spills come from Triton's bundled ``ptxas -v`` on the generated PTX (the command
-Triton itself runs to make the cubin); tensor-core instructions (HMMA, HGMMA, DMMA) are counted
-in the SASS of the cubin (Triton's bundled cuobjdump). A launch is over budget when its shared
-memory exceeds the architecture's per-block maximum, when a 16-bit SPAB kernel or any affinity
-kernel spills registers (beyond ``AFFINITY_SPILLS_TOLERATED``), when an affinity launch whose
-products are TF32 has no tensor-core instruction, or (persistent kernels) when fewer of its programs fit on one SM than the launcher
-starts per SM. The affinity loss's cost model (``affinity_cost``) is printed after the table.
+Triton itself runs to make the cubin); tensor-core instructions are counted in the cubin's SASS
+(Triton's bundled ``cuobjdump -sass``: HMMA, and HGMMA on sm_90). A launch is over budget when its
+shared memory exceeds the architecture's per-block maximum, when a 16-bit kernel or an affinity
+kernel spills registers (beyond ``AFFINITY_SPILLS_TOLERATED``), when a SPAB launch or an affinity
+launch with TF32 products has no tensor-core instruction, or (persistent kernels) when fewer of its
+programs fit on one SM than the launcher starts per SM.
 
 ``python -m dsclora_kernels.triton_budget`` (or ``python bench/triton_budget.py``) prints the
 table. Triton's interpreter cannot compile: under TRITON_INTERPRET=1, ``measure`` runs the
@@ -77,7 +77,7 @@ class Row(NamedTuple):
     regs: int
     spill_stores: int
     spill_loads: int
-    mma: int  # tensor-core MMA instructions in the SASS (HMMA, HGMMA, DMMA)
+    tensor_core_ops: int  # HMMA / HGMMA instructions in the SASS
     blocks_per_sm: int  # resident blocks per SM by shared memory and registers
     programs_per_sm: Optional[int]  # how many the launcher starts per SM (persistent kernels)
     seconds: float
@@ -123,12 +123,9 @@ def _ptxas_log():
         yield log
 
 
-MMA_INSTRUCTION = re.compile(r"\b(HMMA|HGMMA|DMMA)\.")
-
-
 def compile_usage(kernel, args: tuple, kwargs: dict, capability: int) -> tuple[int, int, int, int, int]:
-    """(shared bytes, registers, spill store bytes, spill load bytes, tensor-core MMA instructions)
-    of ``kernel[grid](*args, **kwargs)`` compiled for compute capability ``capability``, as
+    """(shared bytes, registers, spill store bytes, spill load bytes, tensor-core instructions) of
+    ``kernel[grid](*args, **kwargs)`` compiled for compute capability ``capability``, as
     ``JITFunction.run`` would."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -149,8 +146,21 @@ def compile_usage(kernel, args: tuple, kwargs: dict, capability: int) -> tuple[i
     entry = text[text.index(f"entry function '{compiled.metadata.name}'"):]  # its statistics, not a callee's
     regs = int(re.search(r"Used (\d+) registers", entry).group(1))
     stores, loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry).groups())
-    mma = len(MMA_INSTRUCTION.findall(compiled.asm["sass"]))  # disassembled by the bundled cuobjdump
-    return compiled.metadata.shared, regs, stores, loads, mma
+    return compiled.metadata.shared, regs, stores, loads, tensor_core_instructions(compiled.asm["cubin"])
+
+
+def tensor_core_instructions(cubin: bytes) -> int:
+    """How many HMMA / HGMMA (tensor-core matrix multiply) instructions the cubin's SASS holds."""
+    import tempfile
+
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    return len(re.findall(r"\b(?:HMMA|HGMMA)\.", sass))
 
 
 def _launch(case: Case, arch: gpu_arch.Arch):
@@ -205,8 +215,10 @@ def problems(rows: list[Row]) -> list[str]:
         tolerated = AFFINITY_SPILLS_TOLERATED.get((c.arch, c.channels, c.mode), 0) if c.kernel == "affinity" else 0
         if (c.kernel == "affinity" or c.dtype in ("float16", "bfloat16")) and row.spill_stores > tolerated:
             found.append(f"{name}: spills {row.spill_stores} B of registers")
-        if c.kernel == "affinity" and "tf32" in c.mode and not row.mma:
+        if c.kernel == "affinity" and "tf32" in c.mode and not row.tensor_core_ops:
             found.append(f"{name}: no tensor-core MMA instruction in its SASS")
+        if c.kernel == "spab" and not row.tensor_core_ops:
+            found.append(f"{name}: no tensor-core instruction (HMMA / HGMMA) in the SASS")
         if row.programs_per_sm is not None and row.blocks_per_sm < row.programs_per_sm:
             found.append(f"{name}: {row.blocks_per_sm} programs fit on an SM, the launcher starts "
                          f"{row.programs_per_sm} per SM")
@@ -217,13 +229,14 @@ def table(rows: list[Row]) -> str:
     """The rows as a fixed-width text table."""
     archs = _archs()
     header = ("kernel", "dtype", "C", "mode", "config", "arch", "shared B", "limit B", "regs", "spill B",
-              "MMA", "fit/SM")
+              "MMA ops", "fit/SM")
     lines = [header]
     for row in rows:
         c = row.case
         fit = str(row.blocks_per_sm) + (f" (runs {row.programs_per_sm})" if row.programs_per_sm else "")
         lines.append((c.kernel, c.dtype, c.channels, c.mode, c.config, c.arch, str(row.shared),
-                      str(archs[c.arch].smem_per_block), str(row.regs), str(row.spill_stores), str(row.mma), fit))
+                      str(archs[c.arch].smem_per_block), str(row.regs), str(row.spill_stores),
+                      str(row.tensor_core_ops), fit))
     return _format(lines)
 
 

@@ -434,15 +434,15 @@ def write_failures(folder: Path, weights: Path) -> BatchRun:
     long_name = next(n for n in WRITE_FAILURES if len(n) > 200)
     _rgb_file(folder / long_name)  # 254 bytes: a valid name, not with the suffix
     (folder / "out" / "blocked_up.png").mkdir(parents=True)
-    real_save = Image.Image.save
+    real_write = Path.write_bytes  # dsclora.atomic.write_bytes writes the encoded image with it
 
-    def save_until_disk_full(image, fp, *args, **kwargs):
-        if "disk_full" in str(fp):
-            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half an image")
+    def write_until_disk_full(path, data):
+        if "disk_full" in path.name:
+            real_write(path, data[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save(image, fp, *args, **kwargs)
+        return real_write(path, data)
 
-    with mock.patch.object(Image.Image, "save", save_until_disk_full):
+    with mock.patch.object(Path, "write_bytes", write_until_disk_full):
         return cli_batch([str(folder / "in"), str(folder / long_name)], folder / "out", weights, "--suffix", "_up")
 
 

@@ -5,11 +5,10 @@ trains a tiny DSCLoRA setup (SPAN C=8 student, C=10 teacher, x2, 16/24-pixel pat
 thread with deterministic algorithms. The child reports events through a pipe:
 
 * ``step K``: optimisation step K (0-based) begins;
-* ``written NAME`` / ``replaced NAME``: a file's temporary copy is written (not yet renamed) /
-  renamed into place by ``checkpoint.atomic_write`` (`` for K`` added while saving checkpoint
-  ``last`` of iteration K);
-* ``half-written NAME``: reported instead of ``written NAME`` only when the child pauses on it:
-  the temporary copy holds half of its bytes, as if the kill came in the middle of the write;
+* ``writing NAME`` / ``written NAME`` / ``replaced NAME``: a checkpoint file's temporary copy is
+  half-written by ``checkpoint.write_bytes`` (the first half is on disk, the rest not yet) /
+  written (not yet renamed) / renamed into place by ``checkpoint.atomic_write`` (`` for K`` added
+  while saving checkpoint ``last`` of iteration K);
 * ``saved K``: checkpoint ``last`` of iteration K is complete (its files are copied into
   ``snapshot_dir`` as ``K.safetensors`` and ``K.json`` when one is given);
 * ``stderr LINE`` and ``exit CODE``: what the command printed and returned, once it returned.
@@ -112,24 +111,33 @@ def _child(config: Path, run_dir: Path, resume: bool, out_fd: int, pause_on: str
             time.sleep(PAUSE_SECONDS)  # the parent kills us here
 
     atomic_write, save, step = checkpoint.atomic_write, checkpoint.save, Trainer.step
+    write_bytes = checkpoint.write_bytes
     saving = []  # the iteration of the checkpoint ``last`` being saved
+    writing = []  # the name of the file ``atomic_write`` is writing
 
     def reporting_atomic_write(path, write):
         name = Path(path).name + (f" for {saving[0]}" if saving else "")
 
         def write_then_report(tmp):
             write(tmp)
-            if pause_on == f"half-written {name}":  # the kill lands inside the write
-                with open(tmp, "r+b") as f:
-                    f.truncate(os.path.getsize(tmp) // 2)
-                emit(pause_on)
             if name == disk_full_on:  # the disk filled up half-way through this file
                 with open(tmp, "r+b") as f:
                     f.truncate(os.path.getsize(tmp) // 2)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
             emit(f"written {name}")
-        atomic_write(path, write_then_report)
+        writing.append(name)
+        try:
+            atomic_write(path, write_then_report)
+        finally:
+            writing.clear()
         emit(f"replaced {name}")
+
+    def reporting_write_bytes(path, data):
+        half = len(data) // 2
+        write_bytes(path, data[:half])
+        emit(f"writing {writing[0]}")  # a kill here is a kill inside the write
+        with open(path, "ab") as f:
+            f.write(data[half:])
 
     def reporting_save(folder, name, tensors, state):
         if name != "last":
@@ -151,6 +159,7 @@ def _child(config: Path, run_dir: Path, resume: bool, out_fd: int, pause_on: str
         return step(self, lr, hr, **kwargs)
 
     checkpoint.atomic_write, checkpoint.save, Trainer.step = reporting_atomic_write, reporting_save, reporting_step
+    checkpoint.write_bytes = reporting_write_bytes
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         code = main(["train", "--config", str(config), f"run_dir={run_dir}", *(["--resume"] if resume else [])])
@@ -199,15 +208,35 @@ def run(config: Path, run_dir: Path, resume: bool = False, pause_on: str | None 
 
 
 # ---------------------------------------------------------------- the crash scenario
-#: Kills that land inside checkpoint writing: the event the child pauses on, for checkpoint K.
+#: The named moments a SIGKILL is aimed at: the event the child pauses on, for step or checkpoint K.
+#: The kill lands there on every run, whatever the machine's speed.
 PAUSE_EVENTS = {
-    "tensor file half-written": "half-written last-{k:09d}.safetensors for {k}",
+    "during step K, no save under way": "step {k}",
+    "inside the tensor file's write": "writing last-{k:09d}.safetensors for {k}",
     "tensor file written, not renamed": "written last-{k:09d}.safetensors for {k}",
     "tensor file renamed, JSON not written": "replaced last-{k:09d}.safetensors for {k}",
+    "inside the JSON's write": "writing last.json for {k}",
     "JSON written, not renamed": "written last.json for {k}",
     "JSON renamed, old tensor file not deleted": "replaced last.json for {k}",
 }
 RANDOM_KILL = "at a random time after step {k} began"
+
+
+def expected_after_kill(moment: str, k: int) -> tuple[int, list[str]]:
+    """(iteration of checkpoint ``last``, sorted glob patterns of every file in checkpoints/) that a
+    SIGKILL at PAUSE_EVENTS[moment] of step or checkpoint ``k`` >= 2 must leave."""
+    tensors, previous = f"last-{k:09d}.safetensors", f"last-{k - 1:09d}.safetensors"
+    files = {
+        "during step K, no save under way": (k, [tensors]),
+        "inside the tensor file's write": (k - 1, [f".{tensors}.*.tmp", previous]),
+        "tensor file written, not renamed": (k - 1, [f".{tensors}.*.tmp", previous]),
+        "tensor file renamed, JSON not written": (k - 1, [previous, tensors]),
+        "inside the JSON's write": (k - 1, [".last.json.*.tmp", previous, tensors]),
+        "JSON written, not renamed": (k - 1, [".last.json.*.tmp", previous, tensors]),
+        "JSON renamed, old tensor file not deleted": (k, [previous, tensors]),
+    }
+    found, patterns = files[moment]
+    return found, sorted(patterns + ["last.json"])
 
 
 @dataclass
@@ -230,6 +259,13 @@ def checkpoint_files(run_dir: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
+def files_match(files: list[str], patterns: list[str]) -> bool:
+    """Whether sorted ``files`` match sorted glob ``patterns`` one to one."""
+    import fnmatch
+
+    return len(files) == len(patterns) and all(map(fnmatch.fnmatchcase, files, patterns))
+
+
 def matches_snapshot(run_dir: Path, snapshots: Path) -> tuple[int, bool]:
     """(iteration of checkpoint ``last`` or 0, whether it equals the uninterrupted run's)."""
     from safetensors.torch import load_file
@@ -246,17 +282,54 @@ def matches_snapshot(run_dir: Path, snapshots: Path) -> tuple[int, bool]:
     return k, same and state == json.loads((snapshots / f"{k}.json").read_text())
 
 
+@dataclass
+class MomentKill:
+    """A SIGKILL at one named moment, then a resume to the end: what each left."""
+
+    moment: str
+    k: int
+    killed: bool                 # the child died of the SIGKILL at that moment
+    after_kill: list[str]        # files in checkpoints/ after the kill
+    expected: list[str]          # what expected_after_kill says they must be
+    found: tuple[int, bool]      # matches_snapshot after the kill
+    resumed_at: int | None       # the first step of the resumed run
+    final_code: int | None       # its exit code
+    after_resume: list[str]      # files in checkpoints/ at the end
+    differences: list[str]       # differing_outputs against the uninterrupted run
+
+    @property
+    def ok(self) -> bool:
+        found = expected_after_kill(self.moment, self.k)[0]
+        total = sum(ITERATIONS)
+        return (self.killed and files_match(self.after_kill, self.expected) and self.found == (found, True)
+                and self.resumed_at == found and self.final_code == 0 and not self.differences
+                and self.after_resume == [f"last-{total:09d}.safetensors", "last.json"])
+
+
+def kill_at_moment(config: Path, run_dir: Path, snapshots: Path, reference_dir: Path, moment: str,
+                   k: int = 3) -> MomentKill:
+    """SIGKILL a fresh run at PAUSE_EVENTS[moment] of step or checkpoint ``k``, then resume it to the end."""
+    killed = run(config, run_dir, pause_on=PAUSE_EVENTS[moment].format(k=k))
+    after_kill, found = checkpoint_files(run_dir), matches_snapshot(run_dir, snapshots)
+    resumed = run(config, run_dir, resume=True)
+    return MomentKill(moment, k, killed.killed and killed.exitcode == -signal.SIGKILL, after_kill,
+                      expected_after_kill(moment, k)[1], found, first_step(resumed), resumed.code,
+                      checkpoint_files(run_dir), differing_outputs(run_dir, reference_dir))
+
+
 def kill_and_resume(config: Path, run_dir: Path, snapshots: Path, seed: int, step_seconds: float,
-                    kills: int = 7):
-    """SIGKILL a run ``kills`` times at seeded random points (each kind of PAUSE_EVENTS once, the
-    rest RANDOM_KILL, up to ``step_seconds`` after a step began), resuming after each; then let
-    it finish. Each target is drawn after the previous kill, at most two iterations ahead of the
-    checkpoint it left, so that every kill lands before the run's end. Returns (kills, final run)."""
+                    kills: int = 6, random_kills: int = 2):
+    """SIGKILL a run ``kills`` times, resuming after each, then let it finish: ``random_kills`` at
+    RANDOM_KILL (a seeded random time up to ``step_seconds`` after a step began: exploration, its
+    landing point depends on the machine's speed), the rest at seeded distinct named moments
+    (PAUSE_EVENTS), in a seeded order. Each target is drawn after the previous kill, at most two
+    iterations ahead of the checkpoint it left, so that every kill lands before the run's end.
+    Returns (kills, final run)."""
     import random
 
     rng = random.Random(seed)
     total = sum(ITERATIONS)
-    kinds = list(PAUSE_EVENTS) + [RANDOM_KILL] * (kills - len(PAUSE_EVENTS))
+    kinds = rng.sample(list(PAUSE_EVENTS), kills - random_kills) + [RANDOM_KILL] * random_kills
     rng.shuffle(kinds)
     records, completed = [], 0
     for index, kind in enumerate(kinds):
@@ -276,8 +349,9 @@ def kill_and_resume(config: Path, run_dir: Path, snapshots: Path, seed: int, ste
         allowed = (completed, completed + 1) if next_written else (completed,)
         found, identical = matches_snapshot(run_dir, snapshots)
         current = {"last.json", f"last-{found:09d}.safetensors"}
-        records.append(Kill(kind.format(k=k), k, result.events[-1] if result.events else "", completed, found,
-                            allowed, identical, [f for f in checkpoint_files(run_dir) if f not in current]))
+        records.append(Kill(kind.replace("K", str(k)).format(k=k), k, result.events[-1] if result.events else "",
+                            completed, found, allowed, identical,
+                            [f for f in checkpoint_files(run_dir) if f not in current]))
         completed = found
     final = run(config, run_dir, resume=True)
     records[-1].resumed_at = first_step(final)

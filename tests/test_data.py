@@ -4,6 +4,7 @@ import os
 import stat
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +13,9 @@ from PIL import Image
 
 from dsclora.atomic import atomic_path
 from dsclora.data import (
-    ImageReadError, image_to_tensor, imresize, list_images, load_image, mod_crop, save_image, tensor_to_image,
+    ImageReadError, PairingError, image_to_tensor, imresize, list_images, load_image, mod_crop, pair_lr_files,
+    save_image, tensor_to_image,
 )
-from dsclora.data import io as data_io
 
 # ---------------------------------------------------------------------------- imresize
 
@@ -270,12 +271,12 @@ def test_save_errors_and_atomicity(tmp_path, monkeypatch):
     save_image(tmp_path / "keep.png", rgb + 0.5)
     before = (tmp_path / "keep.png").read_bytes()
 
-    def failing_save(self, fp, *args, **kwargs):
-        with open(fp, "wb") as f:
-            f.write(b"partial")
+    def failing_write(self, data):  # the encoded image reaches the disk half-way
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(data_io.Image.Image, "save", failing_save)
+    monkeypatch.setattr(Path, "write_bytes", failing_write)
     with pytest.raises(OSError, match="disk full"):
         save_image(tmp_path / "keep.png", rgb)
     assert (tmp_path / "keep.png").read_bytes() == before
@@ -316,3 +317,35 @@ def test_tensor_layout_roundtrip():
     assert image_to_tensor(img[..., 0]).shape == (1, 1, 5, 7)
     with pytest.raises(ValueError, match="shape"):
         tensor_to_image(torch.zeros(2, 3, 4, 4))
+
+
+# ---------------------------------------------------------------------------- LR pairing
+@pytest.mark.parametrize("lr_name", ["0001x4.png", "0001_x4.png", "0001.png", "0001x4.jpg"])
+def test_one_pairing_rule_for_training_and_evaluation(tmp_path, lr_name):
+    """``dsclora.data.pair_lr_files`` is the rule of both training (find_images) and evaluation (load_pairs)."""
+    from dsclora.evaluation import load_pairs
+    from dsclora.train.data import find_images
+
+    save_image(tmp_path / "hr" / "0001.png", np.zeros((16, 12, 3)))
+    save_image(tmp_path / "lr" / lr_name, np.zeros((4, 3, 3)))
+    assert pair_lr_files(list_images(tmp_path / "hr"), tmp_path / "lr", 4) == [tmp_path / "lr" / lr_name]
+    assert find_images([str(tmp_path / "hr")], [str(tmp_path / "lr")], 4)[0].lr == tmp_path / "lr" / lr_name
+    assert load_pairs(tmp_path / "hr", tmp_path / "lr", 4)[0].name == "0001.png"
+
+
+@pytest.mark.parametrize("lr_names, message", [
+    (["0001x4.png", "0001_x4.png"], r"0001.png pairs with several LR images \(0001x4.png, 0001_x4.png\)"),
+    (["0001.png", "0001.jpg"], r"0001.png pairs with several LR images"),
+    (["0001x2.png", "0002x4.png"], r"no LR image for HR image\(s\) 0001.png \(looked for STEM, STEMx4, STEM_x4"),
+])
+def test_ambiguous_or_missing_lr_is_a_clear_error(tmp_path, lr_names, message):
+    from dsclora.evaluation import load_pairs
+    from dsclora.train.data import find_images
+
+    save_image(tmp_path / "hr" / "0001.png", np.zeros((16, 12, 3)))
+    for name in lr_names:
+        save_image(tmp_path / "lr" / name, np.zeros((4, 3, 3)))
+    for pair in (lambda: find_images([str(tmp_path / "hr")], [str(tmp_path / "lr")], 4),
+                 lambda: load_pairs(tmp_path / "hr", tmp_path / "lr", 4)):
+        with pytest.raises(PairingError, match=message):
+            pair()

@@ -268,6 +268,24 @@ def test_failed_onnx_export_leaves_no_file(onnxruntime, monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("fmt, name", [("official", "m.safetensors"), ("official", "m.pth"), ("onnx", "m.onnx")])
+def test_export_writes_only_through_its_own_temporary(onnxruntime, monkeypatch, tmp_path, fmt, name):
+    """While the file is written, its folder holds our one temporary and nothing a library made
+    (safetensors' save_file would add a ``.tmpXXXXXX`` a kill there leaves behind)."""
+    from pathlib import Path
+
+    seen, write_bytes = [], Path.write_bytes
+
+    def listing_write(self, data):
+        seen.append(sorted(p.name for p in self.parent.iterdir()))
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", listing_write)
+    export(SPAN(4, form="eval"), fmt, tmp_path / name)
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(f".{name}."), seen
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 # --- command line ------------------------------------------------------------------------------
 
 def test_export_command(tmp_path, capsys):
@@ -279,5 +297,5 @@ def test_export_command(tmp_path, capsys):
     narrow = export(SPAN(4, 3, form="eval"), "official", tmp_path / "narrow.pth")
     assert main(["export", "--weights", str(narrow), "--format", "spandrel", "-o", str(tmp_path / "n.pth")]) == 1
     assert "cat_channels" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="onnx only"):
-        main(["export", "--weights", str(source), "--format", "official", "--dtype", "fp16", "-o", "x.pth"])
+    assert main(["export", "--weights", str(source), "--format", "official", "--dtype", "fp16", "-o", "x.pth"]) == 2
+    assert "dsclora export: --dtype fp16 applies to --format onnx only" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Every Triton launch the fused ops make on a GPU fits every supported GPU's budget, proven
 without a GPU: each launch is compiled ahead of time for sm_80, sm_86, sm_89 and sm_90 by
 ``dsclora_kernels.triton_budget`` (shared memory from the compiled metadata, registers and spills
-from Triton's bundled ptxas). Compiling takes a few minutes of CPU on a cold Triton cache."""
+from Triton's bundled ptxas, tensor-core instructions from its cuobjdump). Compiling takes a few minutes of CPU on a cold Triton cache."""
 import os
 from collections import Counter
 
@@ -22,8 +22,8 @@ def test_every_triton_launch_fits_every_gpu():
     # fp32: 3 precisions x (no gradient, student gradient); fp64: ieee x 2
     assert len(affinity_modes) == len(triton_budget.AFFINITY_CHANNELS) * (3 * 2 + 2)
     for row in rows:  # fp32: TF32 products run on tensor cores (HMMA on sm_8x, HGMMA on sm_90), "ieee" not
-        if row.case.kernel == "affinity" and row.case.dtype == "float32":  # (fp64 gets DMMA on sm_80 / sm_90)
-            assert (row.mma > 0) == ("tf32" in row.case.mode), row.case
+        if row.case.kernel == "affinity" and row.case.dtype == "float32":
+            assert (row.tensor_core_ops > 0) == ("tf32" in row.case.mode), row.case
     problems = triton_budget.problems(rows)
     assert not problems, "\n".join(problems)
 
@@ -31,20 +31,22 @@ def test_every_triton_launch_fits_every_gpu():
 def test_the_budget_check_catches_what_does_not_fit():
     """problems() flags shared memory over the limit, 16-bit spills and too few resident programs."""
     case = triton_budget.Case("spab", "float16", "26", "forward", "test", "sm_86", ())
-    fits = triton_budget.Row(case, shared=101_376, regs=255, spill_stores=0, spill_loads=0, mma=0, blocks_per_sm=2,
-                             programs_per_sm=2, seconds=0.0)
+    fits = triton_budget.Row(case, shared=101_376, regs=255, spill_stores=0, spill_loads=0, tensor_core_ops=36,
+                             blocks_per_sm=2, programs_per_sm=2, seconds=0.0)
     assert triton_budget.problems([fits]) == []
     for bad, match in [(dict(shared=101_377), "shared memory"), (dict(spill_stores=4), "spills"),
-                       (dict(blocks_per_sm=1), "1 programs fit")]:
+                       (dict(blocks_per_sm=1), "1 programs fit"), (dict(tensor_core_ops=0), "tensor-core")]:
         (problem,) = triton_budget.problems([fits._replace(**bad)])
         assert match in problem and "sm_86" in problem
     fp32_spill = fits._replace(case=case._replace(dtype="float32"), spill_stores=4)
     assert triton_budget.problems([fp32_spill]) == []  # an fp32 SPAB launch may spill
+    exact_affinity = fits._replace(case=case._replace(kernel="affinity", mode="grad s, ieee"), tensor_core_ops=0)
+    assert triton_budget.problems([exact_affinity]) == []  # exact fp32 runs on CUDA cores by design
     affinity = case._replace(kernel="affinity", dtype="float32", mode="grad s, tf32x3, exact signs")
-    assert triton_budget.problems([fits._replace(case=affinity, mma=24)]) == []
-    (problem,) = triton_budget.problems([fits._replace(case=affinity, mma=24, spill_stores=4)])
-    assert "spills" in problem  # no affinity launch may spill
-    (problem,) = triton_budget.problems([fits._replace(case=affinity)])
+    assert triton_budget.problems([fits._replace(case=affinity)]) == []
+    (problem,) = triton_budget.problems([fits._replace(case=affinity, spill_stores=4)])
+    assert "spills" in problem  # no affinity launch may spill (beyond the stated ratchet)
+    (problem,) = triton_budget.problems([fits._replace(case=affinity, tensor_core_ops=0)])
     assert "no tensor-core MMA" in problem
 
 

@@ -1,4 +1,6 @@
 """``dsclora bench``: runtime per image and peak memory, eager vs fused (NTIRE conventions)."""
+from . import UsageError
+
 HELP = "time a model per image (eager vs fused; fp32/fp16 on GPU, fp32 on CPU) in NTIRE conventions"
 
 
@@ -18,6 +20,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import dataclasses
     import json
+    import sys
 
     import torch
 
@@ -26,10 +29,11 @@ def run(args) -> int:
     from dsclora.summary import summarize
 
     if args.input and args.size:
-        raise SystemExit("dsclora bench: give --input or --size, not both")
+        raise UsageError("give --input or --size, not both")
     configs = [c for c in default_configs() if args.device in ("all", c[0])]
     if not configs:
-        raise SystemExit("dsclora bench: --device cuda but CUDA is not available")
+        print("dsclora bench: --device cuda but CUDA is not available", file=sys.stderr)
+        return 1
     model = load_model(args.weights)
     if args.input:
         inputs = folder_inputs(args.input)

@@ -1,4 +1,6 @@
 """``dsclora export``: write a checkpoint in a format other tools load."""
+from . import UsageError
+
 HELP = "export weights for other tools: official SPAN .pth/.safetensors, spandrel, ONNX (fp32/fp16)"
 
 
@@ -25,7 +27,7 @@ def run(args) -> int:
     from dsclora.models import load_model, read_state_dict
 
     if args.dtype == "fp16" and args.format != "onnx":
-        raise SystemExit("dsclora export: --dtype fp16 applies to --format onnx only")
+        raise UsageError("--dtype fp16 applies to --format onnx only")
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     try:
         _, metadata = read_state_dict(args.weights)

@@ -1,4 +1,6 @@
 """``dsclora summary``: params, FLOPs, activations and convs (NTIRE conventions)."""
+from . import UsageError
+
 HELP = "print a model's params, FLOPs, activations and conv count (NTIRE efficient-SR conventions)"
 
 
@@ -16,7 +18,7 @@ def run(args) -> int:
     from dsclora.summary import summarize
 
     if len(args.size) > 2:
-        raise SystemExit("dsclora summary: --size takes one or two numbers")
+        raise UsageError("--size takes one or two numbers")
     model = load_model(args.weights)
     summary = summarize(model, tuple(args.size) if len(args.size) == 2 else args.size[0])
     if args.json:

@@ -5,9 +5,9 @@ A checkpoint named ``last`` (or ``best``) is ``<name>.json`` pointing at a tenso
 then the JSON replaces the previous one in one ``os.replace``, and only then is the old tensor
 file removed: a crash at any point leaves a complete, consistent checkpoint. What a crash leaves
 besides (temporary files, a tensor file no JSON points to) is removed by the next ``save``.
-Tensors are serialised in memory (``safetensors.torch.save``) and written through our own
-temporary file: ``safetensors.torch.save_file`` would write through a temporary of its own
-(``.tmpXXXXXX``), which a crash would leave behind under a name we do not own.
+Files are serialised in memory and written by ``write_bytes`` into ``atomic_write``'s temporary,
+so no library makes a temporary file of its own here (``safetensors.torch.save_file`` would: a
+kill inside it left a ``.tmpXXXXXX``; ``remove_leftovers`` sweeps those of older versions).
 """
 import json
 import random
@@ -32,6 +32,12 @@ def atomic_write(path: Path, write) -> None:
         write(str(tmp))
 
 
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` into the file ``path`` (a temporary of ``atomic_write``)."""
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def save(folder: Path, name: str, tensors: dict[str, torch.Tensor], state: dict) -> Path:
     """Write checkpoint ``name`` (tensors + JSON ``state``); returns the JSON path.
 
@@ -45,12 +51,11 @@ def save(folder: Path, name: str, tensors: dict[str, torch.Tensor], state: dict)
     previous = _tensor_file(json_path) if json_path.is_file() else None
     remove_leftovers(folder, name, keep=previous)
     tensor_path = folder / f"{name}-{state['iteration']:09d}.safetensors"
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    data = serialise(tensors)
-    atomic_write(tensor_path, lambda tmp: Path(tmp).write_bytes(data))
-    record = dict(state, tensors=tensor_path.name)
+    data = serialise({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    atomic_write(tensor_path, lambda tmp: write_bytes(tmp, data))
+    record = json.dumps(dict(state, tensors=tensor_path.name), indent=1).encode()
     try:
-        atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        atomic_write(json_path, lambda tmp: write_bytes(tmp, record))
     except BaseException:
         if tensor_path != previous:
             tensor_path.unlink(missing_ok=True)

@@ -287,6 +287,16 @@ def validate(config: TrainConfig, source: str = "configuration") -> None:
     check(config.validation.channel in ("y", "rgb"), "validation.channel", "must be 'y' or 'rgb'")
 
 
+def check_stages(config: TrainConfig, scale: int, world_size: int) -> None:
+    """The checks of the stages that need the model's ``scale`` and the number of processes."""
+    for i, stage in enumerate(config.stages):
+        if stage.patch_size % scale:
+            raise ConfigError(f"stages[{i}].patch_size: {stage.patch_size} is not a multiple of the scale {scale}")
+        if stage.batch_size % world_size:
+            raise ConfigError(f"stages[{i}].batch_size: {stage.batch_size} is not divisible by "
+                              f"the {world_size} processes")
+
+
 # ---------------------------------------------------------------- writing
 def to_toml(config: TrainConfig) -> str:
     """The configuration as TOML text that ``load_config`` reads back to an equal TrainConfig."""

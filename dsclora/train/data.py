@@ -9,7 +9,6 @@ the fly: the HR crop plus a few pixels of context is downscaled with MATLAB-comp
 the crop of the whole image's LR (the benchmark protocol's LR).
 """
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from dsclora.data import imresize, list_images, load_image
+from dsclora.data import imresize, list_images, load_image, pair_lr_files
 
 logger = logging.getLogger("dsclora")
 
@@ -46,24 +45,15 @@ def image_size(path: Path) -> tuple[int, int]:
         raise ValueError(f"{path}: cannot be read as an image: {exc}") from exc
 
 
-def _stem_key(path: Path, scale: int) -> str:
-    """File stem without BasicSR's LR suffix ``x4``: ``0001x4.png`` pairs with ``0001.png``."""
-    return re.sub(rf"x{scale}$", "", path.stem)
-
-
 def find_images(hr_folders: list[str], lr_folders: list[str], scale: int) -> list[ImageEntry]:
-    """Every image of ``hr_folders`` (with its LR file from ``lr_folders``, paired by name)."""
+    """Every image of ``hr_folders`` (with its LR file from ``lr_folders``, paired by
+    ``dsclora.data.pair_lr_files``)."""
     entries = []
     for i, hr_folder in enumerate(hr_folders):
         hr_files = list_images(hr_folder)
-        if lr_folders:
-            lr_by_key = {_stem_key(p, scale): p for p in list_images(lr_folders[i])}
-            missing = [p.name for p in hr_files if p.stem not in lr_by_key]
-            if missing:
-                raise ValueError(f"{lr_folders[i]}: no LR file for HR image(s) {', '.join(missing[:5])}")
-        for hr in hr_files:
+        lr_files = pair_lr_files(hr_files, lr_folders[i], scale) if lr_folders else [None] * len(hr_files)
+        for hr, lr in zip(hr_files, lr_files):
             height, width = image_size(hr)
-            lr = lr_by_key[hr.stem] if lr_folders else None
             if lr is not None:
                 lr_h, lr_w = image_size(lr)
                 if (lr_h, lr_w) != (height // scale, width // scale):

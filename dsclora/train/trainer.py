@@ -14,8 +14,6 @@ import logging
 import math
 import os
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,20 +29,15 @@ from dsclora.losses import DSCLoRALoss
 from dsclora.models import SPAN, load_model
 
 from . import checkpoint, distributed
-from .config import ConfigError, TrainConfig, to_toml
+from .config import ConfigError, TrainConfig, check_stages, to_toml
 from .data import IterationSampler, PatchDataset, find_images
 from .ema import EMA
-from .plot import plot_curves
 from .report import bicubic_upscaler, evaluate_models, markdown_table, validation_sets
-from .runlog import CsvLog, TensorBoard
+from .runlog import TERMS, RunLogs
+from .stop import StopRequests, ignore_stop_signals
 
 logger = logging.getLogger("dsclora")
 
-TERMS = ("rec", "ts", "ad")
-#: ‖∇ of λ·term‖ over the adapters, measured on the last step of each logging interval.
-GRAD_NORMS = tuple(f"grad_{term}" for term in TERMS)
-TRAIN_FIELDS = ["iteration", "stage", "lr", "loss", *TERMS, *GRAD_NORMS, "skipped", "it_per_s"]
-VALIDATION_FIELDS = ["iteration", "dataset", "psnr", "ssim"]
 
 
 class TrainingError(RuntimeError):
@@ -53,16 +46,6 @@ class TrainingError(RuntimeError):
 
 class TrainingInterrupted(TrainingError):
     """Ctrl+C (SIGINT) or SIGTERM stopped the run after a step; its checkpoint is saved."""
-
-
-#: Signals that stop a run cleanly: the current step finishes and a checkpoint is saved.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers leave Ctrl+C to the main process (which stops after the step)."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
 
 
 @dataclass
@@ -118,18 +101,12 @@ class Trainer:
         with config_errors("data"):
             self.entries = find_images(config.data.hr, config.data.lr, self.scale)
         self.iteration, self.skipped, self.nonfinite_run = 0, 0, 0
-        self._stop_signal: str | None = None  # set by a stop signal during run()
+        self.stop_requests = StopRequests(self.ctx)
         self.best_psnr = -math.inf
         with config_errors("validation.hr"):
             self.val_sets = (validation_sets(config.validation.hr, self.scale)
                              if self.ctx.is_main and config.validation.hr else {})
-        for i, stage in enumerate(config.stages):
-            if stage.patch_size % self.scale:
-                raise ConfigError(f"stages[{i}].patch_size: {stage.patch_size} is not a multiple "
-                                  f"of the scale {self.scale}")
-            if stage.batch_size % self.ctx.world_size:
-                raise ConfigError(f"stages[{i}].batch_size: {stage.batch_size} is not divisible by "
-                                  f"the {self.ctx.world_size} processes")
+        check_stages(config, self.scale, self.ctx.world_size)
         self._prepare_run_dir(resume)
 
     # ------------------------------------------------------------ setup
@@ -172,9 +149,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write(self.run_dir / "config.toml",
                                     lambda tmp: Path(tmp).write_text(to_toml(self.config)))
-            self.train_log = CsvLog(self.run_dir / "train_log.csv", TRAIN_FIELDS, keep)
-            self.val_log = CsvLog(self.run_dir / "validation.csv", VALIDATION_FIELDS, keep)
-            self.tensorboard = TensorBoard(self.run_dir / "tensorboard")
+            self.logs = RunLogs(self.run_dir, self.config.total_iterations, keep)
             logger.info("dsclora: %s", self.lora_report)
 
     # ------------------------------------------------------------ checkpoints
@@ -263,7 +238,7 @@ class Trainer:
         # its own generator: creating the loader (again on resume) must not draw from the global RNG
         generator = torch.Generator().manual_seed(self.config.seed + stage_index)
         return DataLoader(dataset, batch_size=sampler.local, sampler=sampler, num_workers=data.workers,
-                          pin_memory=self.ctx.device.type == "cuda", worker_init_fn=_ignore_stop_signals,
+                          pin_memory=self.ctx.device.type == "cuda", worker_init_fn=ignore_stop_signals,
                           generator=generator)
 
     def _autocast(self):
@@ -335,9 +310,11 @@ class Trainer:
         # disable=None: the bar shows on a terminal only; otherwise log lines report progress
         bar = tqdm(total=total, initial=self.iteration, disable=None if show else True, unit="it",
                    dynamic_ncols=True, desc="dsclora train")
-        self._log_lines = bar.disable
+        if self.ctx.is_main:
+            self.logs.log_lines = bar.disable
         try:
-            with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(), self._stop_signals():
+            with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(), \
+                    self.stop_requests.listening():
                 if self.iteration == 0 and self.val_sets:
                     self.validate()  # the base model (all ΔW = 0): the candidate to beat
                 while self.iteration < total:
@@ -347,7 +324,7 @@ class Trainer:
         finally:
             bar.close()
             if self.ctx.is_main:
-                self.tensorboard.close()
+                self.logs.close()
             distributed.teardown(self.ctx)
 
     def _run_stage(self, bar) -> None:
@@ -378,54 +355,15 @@ class Trainer:
                 self.save_checkpoint()
             if self.val_sets and (self.iteration % config.validation.every == 0 or self.iteration == stop):
                 self.validate()
-            if self._stop_requested():
+            if self.stop_requests.pending():
                 if self.iteration % config.checkpoint_every and self.iteration != stop:
                     self.save_checkpoint()
                 raise TrainingInterrupted(f"stopped at iteration {self.iteration} of {config.total_iterations}; "
                                           f"checkpoint saved in {self.ckpt_dir}; continue with --resume")
 
-    @contextlib.contextmanager
-    def _stop_signals(self):
-        """While training, a first SIGINT/SIGTERM asks to stop after the current step (see
-        ``_stop_requested``); a second SIGINT interrupts at once (KeyboardInterrupt)."""
-        self._stop_signal = None
-        if threading.current_thread() is not threading.main_thread():  # signals go to the main thread
-            yield
-            return
-
-        def request_stop(signum, _frame):
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self._stop_signal = signal.Signals(signum).name
-            logger.warning("dsclora: %s: stopping after this step with a checkpoint (Ctrl+C again to abort)",
-                           self._stop_signal)
-
-        previous = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-    def _stop_requested(self) -> bool:
-        """Whether any process received a stop signal (all processes stop at the same step)."""
-        if not self.ctx.distributed:
-            return self._stop_signal is not None
-        return not distributed.all_true(self.ctx, torch.tensor(self._stop_signal is None, device=self.ctx.device))
-
     def _log_train(self, stage: int, lr: float, means: dict, it_per_s: float) -> None:
-        """One train_log.csv row: the interval's mean loss terms (missing: none was finite)."""
-        if not self.ctx.is_main:
-            return
-        row = {"iteration": self.iteration, "stage": stage, "lr": f"{lr:.6g}",
-               **{k: f"{v:.6g}" for k, v in means.items()}, "skipped": self.skipped, "it_per_s": f"{it_per_s:.3f}"}
-        self.train_log.write(row)
-        if self._log_lines:
-            logger.info("dsclora: iteration %d/%d (stage %d): loss %s, %.2f it/s, %d skipped",
-                        self.iteration, self.config.total_iterations, stage, row.get("loss", "nan"), it_per_s,
-                        self.skipped)
-        self.tensorboard.add_scalars(self.iteration, {f"loss/{k}": v for k, v in means.items()
-                                                      if math.isfinite(v)})
+        if self.ctx.is_main:
+            self.logs.train_row(self.iteration, stage, lr, means, self.skipped, it_per_s)
 
     # ------------------------------------------------------------ evaluation and export
     def deployed_model(self, adapters: dict[str, torch.Tensor] | None = None) -> SPAN:
@@ -448,11 +386,7 @@ class Trainer:
         if not self.ctx.is_main:
             return
         results = self._evaluate({"ema": self.deployed_model()})["ema"]
-        for name, r in results.items():
-            self.val_log.write({"iteration": self.iteration, "dataset": name,
-                                "psnr": f"{r['psnr']:.4f}", "ssim": f"{r['ssim']:.6f}"})
-            self.tensorboard.add_scalars(self.iteration, {f"val/{name}/psnr": r["psnr"],
-                                                          f"val/{name}/ssim": r["ssim"]})
+        self.logs.validation_rows(self.iteration, results)
         mean_psnr = sum(r["psnr"] for r in results.values()) / len(results)
         logger.info("dsclora: iteration %d: validation %s", self.iteration,
                     ", ".join(f"{n} {r['psnr']:.4f} dB / {r['ssim']:.4f}" for n, r in results.items()))
@@ -494,7 +428,7 @@ class Trainer:
             checkpoint.atomic_write(self.run_dir / "results.json",
                                     lambda tmp: Path(tmp).write_text(json.dumps(result.results, indent=1)))
             logger.info("%s", table)
-        self.plot_losses()
+        self.logs.plot_losses()
         return result
 
     def _export(self, model: SPAN, tag: str, lora: dict) -> dict[str, Path]:
@@ -508,16 +442,6 @@ class Trainer:
         if self.config.model.fused_blocks:
             model.use_fused_blocks(True)
         return model
-
-    def plot_losses(self) -> Path:
-        rows = self.train_log.read()
-        xs = [int(r["iteration"]) for r in rows]
-        series = {}
-        for key in ("loss", *TERMS):
-            values = [float(r[key]) if r[key] else float("nan") for r in rows]
-            if any(math.isfinite(v) for v in values):
-                series[key] = (xs, values)
-        return plot_curves(series, self.run_dir / "loss_curve.png", title="DSCLoRA training loss")
 
 
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:
