@@ -9,8 +9,8 @@ B = 8 on the GPU, 2 on the CPU. The naive baseline is ``spatial_affinity_loss_re
 (torch autograd on the (B, N, N) matrices); it is skipped where its N² buffers cannot fit.
 
 Peak memory is the extra over the inputs:
-- CPU: growth of the process's peak resident set (ru_maxrss) during one fwd + bwd, each
-  measurement in a fresh subprocess after a tiny warm-up, so it counts every byte touched
+- CPU: growth of the resident set at its peak during one fwd + bwd (``dsclora.timing.rss_growth``),
+  each measurement in a fresh subprocess after a tiny warm-up, so it counts every byte touched
   (torch tensors, C++ scratch, allocator slack);
 - GPU: torch.cuda.max_memory_allocated() during fwd + bwd minus the inputs.
 Times are the best of a few repetitions, baseline and fused measured in the same run. On the GPU,
@@ -26,13 +26,12 @@ each case is also measured there, interleaved with ours, and the ratio printed.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 
 import torch
 
+from dsclora import timing
 from dsclora_kernels import spatial_affinity_loss, spatial_affinity_loss_reference
 
 CS, CT = 26, 28
@@ -92,16 +91,14 @@ def megabytes(n: float) -> str:
 def cpu_worker(method: str, batch: int, side: int, reps: int, case: str = "unrelated") -> dict:
     step(method, *inputs(1, 4, "cpu"))  # load the extension, warm torch up
     student, teacher = inputs(batch, side, "cpu", case=case)
-    def timed() -> float:
-        start = time.perf_counter()
-        step(method, student, teacher)
-        return time.perf_counter() - start
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = [timed()]
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    times += [timed() for _ in range(reps - 1)]
-    return {"ms": 1e3 * min(times), "extra_bytes": 1024 * peak_kib}
+    def run():
+        step(method, student, teacher)
+
+    times = []
+    extra_bytes = timing.rss_growth(lambda: times.append(timing.call_seconds(run)))  # the first call: time, memory
+    times += timing.repeat(run, warmup=0, repeats=reps - 1) if reps > 1 else []
+    return {"ms": 1e3 * min(times), "extra_bytes": extra_bytes}
 
 
 def cpu_measure(method: str, batch: int, side: int, reps: int, case: str = "unrelated",
@@ -166,18 +163,9 @@ def gpu_measure(method: str, batch: int, side: int, precision: str = "ieee", rep
     try:
         student, teacher = inputs(batch, side, "cuda")
         step(method, student, teacher, precision)  # warm-up (and autotuning)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(method, student, teacher, precision)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return {"ms": min(times), "extra_bytes": torch.cuda.max_memory_allocated() - base}
+        with timing.cuda_peak() as peak:
+            times = timing.repeat(lambda: step(method, student, teacher, precision), "cuda", warmup=0, repeats=reps)
+        return {"ms": 1e3 * min(times), "extra_bytes": peak.bytes}
     except torch.OutOfMemoryError:
         return None
     finally:
