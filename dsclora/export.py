@@ -174,10 +174,10 @@ def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path, metadata: 
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise ValueError(f"{path}: checkpoint files end in {' or '.join(CHECKPOINT_SUFFIXES)}")
     with _replacing(path) as tmp:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+        if path.suffix == ".safetensors":  # serialised here: save_file writes through a temporary of its own
+            from safetensors.torch import save as serialise
 
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+            tmp.write_bytes(serialise({k: v.contiguous() for k, v in state.items()}, metadata=metadata))
         else:
             torch.save(state, tmp)
     return path

@@ -6,9 +6,11 @@ the autotuned kernel, the configurations left after pruning for the architecture
 by Triton's own binder and compiled with ``triton.compile`` for ``GPUTarget("cuda", capability,
 32)`` for every architecture in ``gpu_arch.ARCHS``. Shared memory is the compiled metadata;
 registers and spills come from Triton's bundled ``ptxas -v`` on the generated PTX (the command
-Triton itself runs to make the cubin). A launch is over budget when its shared memory exceeds the
-architecture's per-block maximum, when a 16-bit kernel spills registers, or (persistent kernels)
-when fewer of its programs fit on one SM than the launcher starts per SM.
+Triton itself runs to make the cubin); tensor-core instructions are counted in the cubin's SASS
+(Triton's bundled ``cuobjdump -sass``: HMMA, and HGMMA on sm_90). A launch is over budget when its
+shared memory exceeds the architecture's per-block maximum, when a 16-bit kernel spills registers,
+when a SPAB launch has no tensor-core instruction, or (persistent kernels) when fewer of its
+programs fit on one SM than the launcher starts per SM.
 
 ``python -m dsclora_kernels.triton_budget`` (or ``python bench/triton_budget.py``) prints the
 table. Triton's interpreter cannot compile: under TRITON_INTERPRET=1, ``measure`` runs the
@@ -59,6 +61,7 @@ class Row(NamedTuple):
     regs: int
     spill_stores: int
     spill_loads: int
+    tensor_core_ops: int  # HMMA / HGMMA instructions in the SASS
     blocks_per_sm: int  # resident blocks per SM by shared memory and registers
     programs_per_sm: Optional[int]  # how many the launcher starts per SM (persistent kernels)
     seconds: float
@@ -104,9 +107,10 @@ def _ptxas_log():
         yield log
 
 
-def compile_usage(kernel, args: tuple, kwargs: dict, capability: int) -> tuple[int, int, int, int]:
-    """(shared bytes, registers, spill store bytes, spill load bytes) of ``kernel[grid](*args,
-    **kwargs)`` compiled for compute capability ``capability``, as ``JITFunction.run`` would."""
+def compile_usage(kernel, args: tuple, kwargs: dict, capability: int) -> tuple[int, int, int, int, int]:
+    """(shared bytes, registers, spill store bytes, spill load bytes, tensor-core instructions) of
+    ``kernel[grid](*args, **kwargs)`` compiled for compute capability ``capability``, as
+    ``JITFunction.run`` would."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -126,7 +130,21 @@ def compile_usage(kernel, args: tuple, kwargs: dict, capability: int) -> tuple[i
     entry = text[text.index(f"entry function '{compiled.metadata.name}'"):]  # its statistics, not a callee's
     regs = int(re.search(r"Used (\d+) registers", entry).group(1))
     stores, loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry).groups())
-    return compiled.metadata.shared, regs, stores, loads
+    return compiled.metadata.shared, regs, stores, loads, tensor_core_instructions(compiled.asm["cubin"])
+
+
+def tensor_core_instructions(cubin: bytes) -> int:
+    """How many HMMA / HGMMA (tensor-core matrix multiply) instructions the cubin's SASS holds."""
+    import tempfile
+
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    return len(re.findall(r"\b(?:HMMA|HGMMA)\.", sass))
 
 
 def _launch(case: Case, arch: gpu_arch.Arch):
@@ -140,8 +158,8 @@ def _measure_one(case: Case) -> Row:
     arch = _archs()[case.arch]
     start = time.perf_counter()
     kernel, _, args, kwargs, programs = _launch(case, arch)
-    shared, regs, stores, loads = compile_usage(kernel, args, kwargs, arch.capability)
-    return Row(case, shared, regs, stores, loads, arch.blocks_per_sm(shared, regs, kwargs["num_warps"]), programs,
+    shared, regs, stores, loads, mma = compile_usage(kernel, args, kwargs, arch.capability)
+    return Row(case, shared, regs, stores, loads, mma, arch.blocks_per_sm(shared, regs, kwargs["num_warps"]), programs,
                time.perf_counter() - start)
 
 
@@ -180,6 +198,8 @@ def problems(rows: list[Row]) -> list[str]:
             found.append(f"{name}: {row.shared} B shared memory > {arch.smem_per_block} B per block")
         if c.dtype in ("float16", "bfloat16") and row.spill_stores:
             found.append(f"{name}: spills {row.spill_stores} B of registers")
+        if c.kernel == "spab" and not row.tensor_core_ops:
+            found.append(f"{name}: no tensor-core instruction (HMMA / HGMMA) in the SASS")
         if row.programs_per_sm is not None and row.blocks_per_sm < row.programs_per_sm:
             found.append(f"{name}: {row.blocks_per_sm} programs fit on an SM, the launcher starts "
                          f"{row.programs_per_sm} per SM")
@@ -190,13 +210,14 @@ def table(rows: list[Row]) -> str:
     """The rows as a fixed-width text table."""
     archs = _archs()
     header = ("kernel", "dtype", "C", "mode", "config", "arch", "shared B", "limit B", "regs", "spill B",
-              "fit/SM")
+              "MMA ops", "fit/SM")
     lines = [header]
     for row in rows:
         c = row.case
         fit = str(row.blocks_per_sm) + (f" (runs {row.programs_per_sm})" if row.programs_per_sm else "")
         lines.append((c.kernel, c.dtype, c.channels, c.mode, c.config, c.arch, str(row.shared),
-                      str(archs[c.arch].smem_per_block), str(row.regs), str(row.spill_stores), fit))
+                      str(archs[c.arch].smem_per_block), str(row.regs), str(row.spill_stores),
+                      str(row.tensor_core_ops), fit))
     return _format(lines)
 
 
@@ -218,7 +239,7 @@ def device_table(device: str = "cuda") -> str:
         args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
         compiled = kernel[grid](*args, **kwargs)
         torch.cuda.synchronize(device)
-        shared, regs, stores, _ = compile_usage(kernel, args, kwargs, arch.capability)
+        shared, regs, stores, _, _ = compile_usage(kernel, args, kwargs, arch.capability)
         lines.append((case.kernel, case.dtype, case.channels, case.mode, case.config, case.arch, str(shared),
                       str(compiled.metadata.shared), str(regs), str(compiled.n_regs), str(stores),
                       str(compiled.n_spills)))

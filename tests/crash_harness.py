@@ -8,6 +8,8 @@ thread with deterministic algorithms. The child reports events through a pipe:
 * ``written NAME`` / ``replaced NAME``: a file's temporary copy is written (not yet renamed) /
   renamed into place by ``checkpoint.atomic_write`` (`` for K`` added while saving checkpoint
   ``last`` of iteration K);
+* ``half-written NAME``: reported instead of ``written NAME`` only when the child pauses on it:
+  the temporary copy holds half of its bytes, as if the kill came in the middle of the write;
 * ``saved K``: checkpoint ``last`` of iteration K is complete (its files are copied into
   ``snapshot_dir`` as ``K.safetensors`` and ``K.json`` when one is given);
 * ``stderr LINE`` and ``exit CODE``: what the command printed and returned, once it returned.
@@ -117,6 +119,10 @@ def _child(config: Path, run_dir: Path, resume: bool, out_fd: int, pause_on: str
 
         def write_then_report(tmp):
             write(tmp)
+            if pause_on == f"half-written {name}":  # the kill lands inside the write
+                with open(tmp, "r+b") as f:
+                    f.truncate(os.path.getsize(tmp) // 2)
+                emit(pause_on)
             if name == disk_full_on:  # the disk filled up half-way through this file
                 with open(tmp, "r+b") as f:
                     f.truncate(os.path.getsize(tmp) // 2)
@@ -195,6 +201,7 @@ def run(config: Path, run_dir: Path, resume: bool = False, pause_on: str | None 
 # ---------------------------------------------------------------- the crash scenario
 #: Kills that land inside checkpoint writing: the event the child pauses on, for checkpoint K.
 PAUSE_EVENTS = {
+    "tensor file half-written": "half-written last-{k:09d}.safetensors for {k}",
     "tensor file written, not renamed": "written last-{k:09d}.safetensors for {k}",
     "tensor file renamed, JSON not written": "replaced last-{k:09d}.safetensors for {k}",
     "JSON written, not renamed": "written last.json for {k}",
@@ -240,7 +247,7 @@ def matches_snapshot(run_dir: Path, snapshots: Path) -> tuple[int, bool]:
 
 
 def kill_and_resume(config: Path, run_dir: Path, snapshots: Path, seed: int, step_seconds: float,
-                    kills: int = 6):
+                    kills: int = 7):
     """SIGKILL a run ``kills`` times at seeded random points (each kind of PAUSE_EVENTS once, the
     rest RANDOM_KILL, up to ``step_seconds`` after a step began), resuming after each; then let
     it finish. Each target is drawn after the previous kill, at most two iterations ahead of the

@@ -372,7 +372,7 @@ Hypothesis examples per property (derandomised, fixed per test; C++ backend broa
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="crash scenarios of 6 kills each (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="crash scenarios of 7 kills each (default 3)")
     parser.add_argument("--output", default=str(HERE / "RELIABILITY.md"))
     parser.add_argument("--skip-tests", action="store_true", help="do not run the test files (section 4)")
     args = parser.parse_args()

@@ -120,3 +120,17 @@ def test_default_demo_runs_end_to_end(tmp_path):
     for png in (out / "run" / "loss_curve.png", out / "pretrain_loss.png"):
         assert Image.open(png).format == "PNG"
     assert "DSCLoRA" in (out / "README.md").read_text()
+
+
+def test_the_ms_column_times_the_model_calls_only(monkeypatch):
+    """TimedModel adds up the time inside the model's calls (a fake clock ticking once per reading:
+    each call is exactly one tick), none of the work between them."""
+    from dsclora import demo
+
+    ticks = iter(range(100))
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: float(next(ticks)))
+    timed = demo.TimedModel(lambda x: 2 * x, "cpu")
+    for _ in range(3):
+        assert torch.equal(timed(torch.ones(2)), torch.full((2,), 2.0))
+        next(ticks)  # work between calls (metrics, conversions) is not counted
+    assert timed.seconds == 3.0

@@ -7,6 +7,7 @@ import re
 import signal
 
 import pytest
+import torch
 
 import crash_harness
 from crash_harness import ITERATIONS, PAUSE_EVENTS, checkpoint_files, differing_outputs, matches_snapshot
@@ -31,9 +32,12 @@ def reference(tmp_path_factory):
 
 
 def test_sigkill_at_random_points_never_corrupts_and_resumes_exactly(reference, tmp_path):
+    """Every named moment once (deterministic) plus kills at seeded random times, which explore
+    further (their outcome does not depend on where they land)."""
     config, snapshots, reference_dir, step_seconds = reference
+    print(f"kill seed {SEED} (DSCLORA_CRASH_SEED)")
     kills, final = crash_harness.kill_and_resume(config, tmp_path / "run", snapshots, SEED, step_seconds)
-    assert len(kills) >= 5
+    assert len(kills) >= 6
     assert {k.kind.split(" (")[0] for k in kills} >= set(PAUSE_EVENTS)  # every moment of a save
     for kill in kills:
         assert kill.found in kill.allowed, kill  # the last complete checkpoint, not an older one
@@ -43,6 +47,55 @@ def test_sigkill_at_random_points_never_corrupts_and_resumes_exactly(reference, 
     assert matches_snapshot(tmp_path / "run", snapshots) == (TOTAL, True)
     assert checkpoint_files(tmp_path / "run") == ["last-%09d.safetensors" % TOTAL, "last.json"]  # leftovers gone
     assert differing_outputs(tmp_path / "run", reference_dir) == []
+
+
+#: What checkpoints/ holds after a SIGKILL at each moment of saving checkpoint 3 (checkpoint 2 complete);
+#: ``*`` stands for the random part of our temporary files' names.
+AFTER_KILL = {
+    "tensor file half-written": [".last-000000003.safetensors.*.tmp", "last-000000002.safetensors", "last.json"],
+    "tensor file written, not renamed": [".last-000000003.safetensors.*.tmp", "last-000000002.safetensors",
+                                         "last.json"],
+    "tensor file renamed, JSON not written": ["last-000000002.safetensors", "last-000000003.safetensors",
+                                              "last.json"],
+    "JSON written, not renamed": [".last.json.*.tmp", "last-000000002.safetensors", "last-000000003.safetensors",
+                                  "last.json"],
+    "JSON renamed, old tensor file not deleted": ["last-000000002.safetensors", "last-000000003.safetensors",
+                                                  "last.json"],
+}
+
+
+def test_every_named_moment_has_its_expected_files():
+    assert set(AFTER_KILL) == set(PAUSE_EVENTS)
+
+
+@pytest.mark.parametrize("moment", list(PAUSE_EVENTS))
+def test_kill_at_each_moment_of_a_save_then_resume_leaves_exactly_the_checkpoint(reference, tmp_path, moment):
+    """Deterministic: the child pauses at the moment and is killed there, every run."""
+    config, snapshots, reference_dir, _ = reference
+    run_dir = tmp_path / "run"
+    killed = crash_harness.run(config, run_dir, pause_on=PAUSE_EVENTS[moment].format(k=3))
+    assert killed.killed and killed.exitcode == -signal.SIGKILL, killed.events[-3:]
+    left = [re.sub(r"(\.(safetensors|json))\.[^.]+\.tmp$", r"\1.*.tmp", f) for f in checkpoint_files(run_dir)]
+    assert left == AFTER_KILL[moment]
+    assert matches_snapshot(run_dir, snapshots) == (3 if moment.startswith("JSON renamed") else 2, True)
+    resumed = crash_harness.run(config, run_dir, resume=True)
+    assert resumed.code == 0, resumed.stderr
+    assert checkpoint_files(run_dir) == ["last-%09d.safetensors" % TOTAL, "last.json"]
+    assert differing_outputs(run_dir, reference_dir) == []
+
+
+def test_leftovers_of_safetensors_own_writer_are_swept(tmp_path):
+    """Older versions saved with safetensors.save_file, whose temporary (.tmp + 6 characters) a kill
+    left behind; the next save removes those names, and only those, from the checkpoints folder."""
+    from dsclora.train import checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in (".tmpvIyBGf", ".tmpvIyBGfx", "notes.txt", ".tmp12"):
+        (folder / name).write_bytes(b"x")
+    checkpoint.save(folder, "last", {"w": torch.zeros(2)}, {"iteration": 1})
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp12", ".tmpvIyBGfx", "last-000000001.safetensors",
+                                                        "last.json", "notes.txt"]
 
 
 @pytest.mark.parametrize("file", ["last-000000003.safetensors for 3", "last.json for 3"])

@@ -1,7 +1,7 @@
 """Every Triton launch the fused ops make on a GPU fits every supported GPU's budget, proven
 without a GPU: each launch is compiled ahead of time for sm_80, sm_86, sm_89 and sm_90 by
 ``dsclora_kernels.triton_budget`` (shared memory from the compiled metadata, registers and spills
-from Triton's bundled ptxas). Compiling takes a few minutes of CPU on a cold Triton cache."""
+from Triton's bundled ptxas, tensor-core instructions from its cuobjdump). Compiling takes a few minutes of CPU on a cold Triton cache."""
 import os
 from collections import Counter
 
@@ -27,15 +27,17 @@ def test_every_triton_launch_fits_every_gpu():
 def test_the_budget_check_catches_what_does_not_fit():
     """problems() flags shared memory over the limit, 16-bit spills and too few resident programs."""
     case = triton_budget.Case("spab", "float16", "26", "forward", "test", "sm_86", ())
-    fits = triton_budget.Row(case, shared=101_376, regs=255, spill_stores=0, spill_loads=0, blocks_per_sm=2,
-                             programs_per_sm=2, seconds=0.0)
+    fits = triton_budget.Row(case, shared=101_376, regs=255, spill_stores=0, spill_loads=0, tensor_core_ops=36,
+                             blocks_per_sm=2, programs_per_sm=2, seconds=0.0)
     assert triton_budget.problems([fits]) == []
     for bad, match in [(dict(shared=101_377), "shared memory"), (dict(spill_stores=4), "spills"),
-                       (dict(blocks_per_sm=1), "1 programs fit")]:
+                       (dict(blocks_per_sm=1), "1 programs fit"), (dict(tensor_core_ops=0), "tensor-core")]:
         (problem,) = triton_budget.problems([fits._replace(**bad)])
         assert match in problem and "sm_86" in problem
     fp32_spill = fits._replace(case=case._replace(dtype="float32"), spill_stores=4)
     assert triton_budget.problems([fp32_spill]) == []  # fp32 may spill (tf32x3 splits its operands)
+    exact_affinity = fits._replace(case=case._replace(kernel="affinity", mode="grad s, ieee"), tensor_core_ops=0)
+    assert triton_budget.problems([exact_affinity]) == []  # exact fp32 runs on CUDA cores by design
 
 
 def test_resident_blocks_per_sm():

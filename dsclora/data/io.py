@@ -126,8 +126,8 @@ def _quantize(x: np.ndarray, bit_depth: int) -> np.ndarray:
     return np.round(np.clip(np.asarray(x, dtype=np.float64), 0, 1) * top).astype(dtype)
 
 
-def _png16_bytes(samples: np.ndarray) -> bytes:
-    """A PNG file holding (H, W, C) uint16 samples, C = 1, 2, 3 or 4 (no filtering)."""
+def _png16_bytes(samples: np.ndarray, level: int = 6) -> bytes:
+    """A PNG file holding (H, W, C) uint16 samples, C = 1, 2, 3 or 4 (no filtering), zlib ``level``."""
     h, w, c = samples.shape
     colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
     rows = samples.astype(">u2").reshape(h, w * c).view(np.uint8)
@@ -137,7 +137,7 @@ def _png16_bytes(samples: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, level)) + chunk(b"IEND", b"")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -146,20 +146,15 @@ def _atomic_write(path: Path, write) -> None:
         write(str(tmp))
 
 
-def save_image(path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8, gray: bool = False) -> None:
+def save_image(path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8, gray: bool = False,
+               png_level: int = 6, quality: int | None = None) -> None:
     """Write ``rgb`` (H, W, 3) or (H, W) float in [0, 1] atomically; format from the suffix.
 
     Samples are round(clip(x) * 255) (65535 for ``bit_depth=16``, PNG only). ``gray`` writes
     one channel (the mean of the three; (H, W) input is always grey); ``alpha`` (H, W) adds an alpha channel.
+    ``png_level`` (0-9) and ``quality`` (JPEG/WebP, 1-100) as in ``save_samples``.
     """
     path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{path}: unknown image format for suffix {path.suffix!r}")
-    if bit_depth not in (8, 16):
-        raise ValueError(f"{path}: bit_depth must be 8 or 16, got {bit_depth}")
-    if bit_depth == 16 and fmt != "PNG":
-        raise ValueError(f"{path}: 16-bit samples can only be written as PNG")
     rgb = np.asarray(rgb)
     if rgb.ndim == 2:
         rgb = rgb[..., None]
@@ -170,17 +165,48 @@ def save_image(path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_depth
         alpha = np.asarray(alpha)
         if alpha.shape != rgb.shape[:2]:
             raise ValueError(f"{path}: alpha shape {alpha.shape} does not match image {rgb.shape[:2]}")
-        if fmt in ("JPEG", "BMP"):
-            raise ValueError(f"{path}: {fmt} cannot store an alpha channel")
         planes.append(alpha[..., None])
-    samples = _quantize(np.concatenate(planes, axis=2), bit_depth)
+    _check_bit_depth(path, bit_depth)
+    save_samples(path, _quantize(np.concatenate(planes, axis=2), bit_depth), png_level, quality)
+
+
+def _image_format(path: Path) -> str:
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image format for suffix {path.suffix!r}")
+    return fmt
+
+
+def _check_bit_depth(path: Path, bit_depth: int) -> None:
+    if bit_depth not in (8, 16):
+        raise ValueError(f"{path}: bit_depth must be 8 or 16, got {bit_depth}")
+    if bit_depth == 16 and _image_format(path) != "PNG":
+        raise ValueError(f"{path}: 16-bit samples can only be written as PNG")
+
+
+def save_samples(path, samples: np.ndarray, png_level: int = 6, quality: int | None = None) -> None:
+    """Write (H, W, C) uint8 or uint16 samples atomically; C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA.
+
+    Format from the suffix; uint16 only as PNG. ``png_level`` is the zlib level (0-9) of PNGs,
+    ``quality`` (1-100, None: Pillow's default) that of JPEG and WebP.
+    """
+    path = Path(path)
+    fmt = _image_format(path)
+    _check_bit_depth(path, 16 if samples.dtype == np.uint16 else 8)
+    if samples.ndim != 3 or samples.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"{path}: expected (H, W, C) samples with C in 1..4, got shape {samples.shape}")
+    if samples.shape[2] in (2, 4) and fmt in ("JPEG", "BMP"):
+        raise ValueError(f"{path}: {fmt} cannot store an alpha channel")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if bit_depth == 16:
-        data = _png16_bytes(samples)
+    if samples.dtype == np.uint16:
+        data = _png16_bytes(samples, png_level)
         _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-    else:
-        image = Image.fromarray(samples[..., 0] if samples.shape[2] == 1 else samples)
-        _atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+        return
+    options = {"PNG": {"compress_level": png_level}}.get(fmt, {})
+    if quality is not None and fmt in ("JPEG", "WEBP"):
+        options["quality"] = quality
+    image = Image.fromarray(samples[..., 0] if samples.shape[2] == 1 else samples)
+    _atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **options))
 
 
 def list_images(folder) -> list[Path]:

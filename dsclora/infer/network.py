@@ -10,7 +10,8 @@ from .merge import MergedSpan, add_border_correction
 class FusedSpan:
     """SPAN forward on a MergedSpan: (B, in, H, W) in [0, 1] -> (B, out, sH, sW), not clamped.
 
-    Runs the blocks with ``spab`` (default: the fused op ``dsclora_kernels.spab``) and the
+    Runs the blocks with ``spab`` (default: the fused op's computation without the custom-op
+    dispatcher, ``dsclora_kernels.spab_forward``: inference needs no autograd) and the
     remaining layers as few plain convs in ``memory_format``: conv_1 (normalisation folded),
     one 3x3 conv for conv_2 + its conv_cat slice, three GEMMs accumulating the rest of
     conv_cat (no concatenation), the upsampler conv and the pixel shuffle.
@@ -21,7 +22,7 @@ class FusedSpan:
         self.merged = merged.to(device, dtype)
         self.scale, self.device, self.dtype = merged.scale, torch.device(device), dtype
         self.memory_format = memory_format
-        self.spab = spab or dsclora_kernels.spab
+        self.spab = spab or dsclora_kernels.spab_forward
 
     @torch.no_grad()  # not inference_mode: callers get ordinary tensors they may modify
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from dsclora.models import load_model
 
 from .merge import MergedSpan, merge_span
 from .network import FusedSpan
-from .tiling import RECEPTIVE_RADIUS, upscale_adaptive
+from .tiling import RECEPTIVE_RADIUS, auto_tile, memory_budget, upscale_adaptive
 from .weights import fetch
 
 DEFAULT_TILE_PAD = RECEPTIVE_RADIUS + 3
@@ -40,12 +40,13 @@ class Upscaler:
     to RGB and averaged back (a constant alpha is simply repeated). Tensors come back raw (not
     clamped, like the SPAN module); arrays and images clamped and in their input's dtype/mode.
     Output non-finite in float16/bfloat16 is recomputed in float32 (with a warning). ``tile``
-    (None: whole image) with ``tile_pad`` >= RECEPTIVE_RADIUS context gives the same output;
-    on GPU out-of-memory the tile is halved automatically.
+    (None: whole image; "auto": from the memory model ``tiling.auto_tile`` and the device's
+    free memory or CPU budget) with ``tile_pad`` >= RECEPTIVE_RADIUS context gives the same
+    output; on GPU out-of-memory the tile is halved automatically.
     """
 
     def __init__(self, merged: MergedSpan, device="cpu", dtype=torch.float32,
-                 tile: int | None = None, tile_pad: int = DEFAULT_TILE_PAD):
+                 tile: int | str | None = None, tile_pad: int = DEFAULT_TILE_PAD):
         self.merged, self.tile, self.tile_pad = merged, tile, tile_pad
         self.network = FusedSpan(merged, device, dtype)
         self._fp32 = self.network if dtype == torch.float32 else None
@@ -121,7 +122,23 @@ class Upscaler:
     def _upscale_color(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
             return self._upscale_gray(x)
-        return upscale_adaptive(self._forward, x, self.scale, self.tile, self.tile_pad)
+        return upscale_adaptive(self._forward, x, self.scale, self.tile_for(x.shape), self.tile_pad)
+
+    def upscale_video(self, src, dst, **options) -> int:
+        """Upscale the video ``src`` into ``dst``; see ``dsclora.infer.video.upscale_video``
+        (options: ``options=VideoOptions(...)``, ``batch``, ``out_scale``, ``progress``)."""
+        from .video import upscale_video
+
+        return upscale_video(self, src, dst, **options)
+
+    def tile_for(self, shape) -> int | None:
+        """The tile for an input of ``shape`` (B, C, H, W): ``tile``, or the automatic one."""
+        if self.tile != "auto":
+            return self.tile
+        features = self.merged.conv_1[0].shape[0]
+        itemsize = torch.finfo(self.network.dtype).bits // 8
+        budget = memory_budget(self.device)
+        return auto_tile(shape, features, self.scale, itemsize, budget, self.tile_pad)
 
     def _upscale_gray(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) through the network as gray RGB, averaged back to one channel."""

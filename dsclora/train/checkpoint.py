@@ -5,9 +5,13 @@ A checkpoint named ``last`` (or ``best``) is ``<name>.json`` pointing at a tenso
 then the JSON replaces the previous one in one ``os.replace``, and only then is the old tensor
 file removed: a crash at any point leaves a complete, consistent checkpoint. What a crash leaves
 besides (temporary files, a tensor file no JSON points to) is removed by the next ``save``.
+Tensors are serialised in memory (``safetensors.torch.save``) and written through our own
+temporary file: ``safetensors.torch.save_file`` would write through a temporary of its own
+(``.tmpXXXXXX``), which a crash would leave behind under a name we do not own.
 """
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +38,7 @@ def save(folder: Path, name: str, tensors: dict[str, torch.Tensor], state: dict)
     If writing fails (OSError, e.g. a full disk), the previous checkpoint stays complete and
     nothing of the new one is left behind.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as serialise
 
     folder = Path(folder)
     json_path = folder / f"{name}.json"
@@ -42,7 +46,8 @@ def save(folder: Path, name: str, tensors: dict[str, torch.Tensor], state: dict)
     remove_leftovers(folder, name, keep=previous)
     tensor_path = folder / f"{name}-{state['iteration']:09d}.safetensors"
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp))
+    data = serialise(tensors)
+    atomic_write(tensor_path, lambda tmp: Path(tmp).write_bytes(data))
     record = dict(state, tensors=tensor_path.name)
     try:
         atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
@@ -55,10 +60,17 @@ def save(folder: Path, name: str, tensors: dict[str, torch.Tensor], state: dict)
     return json_path
 
 
+#: What ``safetensors.torch.save_file`` (dsclora <= 0.1.0 wrote checkpoints with it) leaves when killed:
+#: the Rust tempfile crate's ``.tmp`` + 6 random characters. Only swept in the checkpoints folder.
+_FOREIGN_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
 def remove_leftovers(folder: Path, name: str, keep: Path | None) -> list[Path]:
     """Delete what interrupted saves of checkpoint ``name`` left in ``folder``: temporary files
-    and tensor files other than ``keep`` (the one its JSON points to). Returns the deleted paths."""
+    (ours, and those of safetensors' own writer from older versions) and tensor files other than
+    ``keep`` (the one its JSON points to). Returns the deleted paths."""
     stale = [p for p in Path(folder).glob(f".{name}[.-]*.tmp")]
+    stale += [p for p in Path(folder).glob(".tmp*") if _FOREIGN_TEMPORARY.fullmatch(p.name) and p.is_file()]
     stale += [p for p in Path(folder).glob(f"{name}-*.safetensors") if p != keep]
     for path in stale:
         path.unlink(missing_ok=True)

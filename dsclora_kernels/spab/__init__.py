@@ -38,12 +38,11 @@ def _check(x: Tensor, weights: tuple[Tensor, ...]) -> None:
 
 # ---- forward ----
 
-@torch.library.custom_op("dsclora::spab", mutates_args=())
-def spab(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor) -> tuple[Tensor, Tensor]:
-    """SPAB block, x (B, C, H, W) -> (out, h1), both (B, C, H, W) in x's memory layout.
-
-    Weights in eval form: w_i (C, C, 3, 3), b_i (C,), padding 1; exactly ``spab_reference``.
-    """
+def spab_forward(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+    """What ``spab`` computes, called directly: no autograd, no torch.compile support, none of
+    the custom-op machinery (whose first call imports torch._dynamo, seconds of a CLI's start).
+    For eager inference (``dsclora.infer``); everything else calls ``spab``."""
     weights = (w1, b1, w2, b2, w3, b3)
     _check(x, weights)
     out, h1 = torch.empty_like(x), torch.empty_like(x)
@@ -51,6 +50,15 @@ def spab(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, 
         return out, h1
     BACKENDS.choose(x.device, x).forward(x, weights, out, h1)
     return out, h1
+
+
+@torch.library.custom_op("dsclora::spab", mutates_args=())
+def spab(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor) -> tuple[Tensor, Tensor]:
+    """SPAB block, x (B, C, H, W) -> (out, h1), both (B, C, H, W) in x's memory layout.
+
+    Weights in eval form: w_i (C, C, 3, 3), b_i (C,), padding 1; exactly ``spab_reference``.
+    """
+    return spab_forward(x, w1, b1, w2, b2, w3, b3)
 
 
 @spab.register_fake

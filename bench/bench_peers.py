@@ -1,0 +1,148 @@
+"""CPU inference against what a user would pick instead: ONNX Runtime, OpenVINO, eager PyTorch.
+
+One run, one machine: every candidate runs the same SPAN on a real image crop (a 256x256 crop
+of an Urban100 image used as the LR input, x4), fp32 unless labelled, calls interleaved
+round-robin, median per candidate, ratios against the best fp32 peer of this run. Error is
+max |y - float64 eager PyTorch| over the output (and the mean). OpenVINO is optional: skipped
+with a note when not installed.
+
+    python bench/bench_peers.py                         # DSCF x4, 2 threads, 7 rounds
+    DSCLORA_CPU_ISA=avx2 python bench/bench_peers.py    # another ISA path of the fused kernels
+"""
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dsclora_kernels import _native
+from dsclora.data.io import image_to_tensor, load_image
+from dsclora.export import export_onnx
+from dsclora.infer import FusedSpan, merge_span
+from dsclora.models import load_model
+
+from bench_infer import DEFAULT_WEIGHTS, SHARED, build_model, time_interleaved
+
+DEFAULT_IMAGE = SHARED / "data" / "Urban100_10" / "img_001.png"
+PEERS = ("onnxruntime fp32", "openvino fp32")
+
+
+def crop(path: Path, size: int) -> torch.Tensor:
+    """(1, 3, size, size) float32 in [0, 1]: the centre crop of the image at ``path``."""
+    rgb = load_image(path).rgb
+    h, w = rgb.shape[:2]
+    if min(h, w) < size:
+        raise SystemExit(f"{path}: {w}x{h} is smaller than the {size}x{size} crop")
+    top, left = (h - size) // 2, (w - size) // 2
+    return image_to_tensor(rgb[top:top + size, left:left + size, :3])
+
+
+def candidates(model, threads: int) -> dict:
+    """name -> fn(x float32 (1, 3, H, W)) -> float32 output."""
+    merged = merge_span(model)
+    eager = load_model(model.state_dict()).eval()
+    fused = FusedSpan(merged, "cpu", torch.float32)
+    found = {
+        "dsclora fused fp32": fused,
+        "eager PyTorch fp32": _no_grad(eager),
+    }
+    onnx_path = Path(tempfile.mkdtemp()) / "span.onnx"
+    export_onnx(load_model(model.state_dict()), onnx_path)
+    found["onnxruntime fp32"] = _onnx_runtime(onnx_path, threads)
+    if importlib.util.find_spec("openvino") is not None:
+        found["openvino fp32"] = _openvino(onnx_path, threads, {"INFERENCE_PRECISION_HINT": "f32"})
+        found["openvino default"] = _openvino(onnx_path, threads, {})
+    else:
+        print("openvino not installed: its rows are skipped (pip install openvino)")
+    return found
+
+
+def _no_grad(fn):
+    def run(x):
+        with torch.inference_mode():
+            return fn(x)
+    return run
+
+
+def _onnx_runtime(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+def _openvino(path: Path, threads: int, config: dict):
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, **config})
+    request = compiled.create_infer_request()
+    return lambda x: torch.from_numpy(request.infer([x.numpy()])[0].copy())
+
+
+def openvino_precision(path_hint: str = "CPU") -> str:
+    """The inference precision OpenVINO picks by default on this CPU (e.g. f32, bf16)."""
+    if importlib.util.find_spec("openvino") is None:
+        return "-"
+    import openvino as ov
+
+    precision = ov.Core().get_property(path_hint, "INFERENCE_PRECISION_HINT")
+    return precision.get_type_name() if hasattr(precision, "get_type_name") else str(precision)
+
+
+def cpu_line() -> str:
+    """CPU model, the SIMD flags that matter here, and the load average."""
+    model, flags = platform.processor(), set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    load = os.getloadavg()
+    return (f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(f for f in wanted if f in flags)}; "
+            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", help="checkpoint (default: the shared DSCF x4)")
+    parser.add_argument("--image", default=str(DEFAULT_IMAGE), help="image to crop the LR input from")
+    parser.add_argument("--size", type=int, default=256, help="LR crop side (default 256)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.weights and not DEFAULT_WEIGHTS.is_file():
+        raise SystemExit(f"{DEFAULT_WEIGHTS}: not found (set DSCLORA_SHARED or pass --weights)")
+    model = build_model(args.weights)
+    x = crop(Path(args.image), args.size)
+    with torch.no_grad():
+        truth = load_model(model.state_dict()).double().eval()(x.double())
+    fns = candidates(model, args.threads)
+    times = time_interleaved(fns, x, {n: torch.float32 for n in fns}, "cpu", 2, args.rounds)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    peers = [n for n in PEERS if n in medians]
+    best = min(peers, key=medians.get)
+    print(cpu_line())
+    print(f"torch {torch.__version__}, fused kernels ISA {_native.isa('spab')}, "
+          f"OpenVINO default precision {openvino_precision()}; SPAN x{model.upscale} "
+          f"C={model.feature_channels}, LR {tuple(x.shape)} crop of {Path(args.image).name}, "
+          f"{args.threads} threads, median of {args.rounds} interleaved rounds")
+    print(f"| candidate | ms | min ms | {best} / this | max error | mean error |")
+    print("|---|---|---|---|---|---|")
+    for name, fn in fns.items():
+        error = (fn(x).double() - truth).abs()
+        print(f"| {name} | {medians[name]:.1f} | {min(times[name]):.1f} | "
+              f"{medians[best] / medians[name]:.2f}x | {error.max():.1e} | {error.mean():.1e} |")
+
+
+if __name__ == "__main__":
+    main()
