@@ -9,8 +9,8 @@ B = 8 on the GPU, 2 on the CPU. The naive baseline is ``spatial_affinity_loss_re
 (torch autograd on the (B, N, N) matrices); it is skipped where its N² buffers cannot fit.
 
 Peak memory is the extra over the inputs:
-- CPU: growth of the process's peak resident set (ru_maxrss) during one fwd + bwd, each
-  measurement in a fresh subprocess after a tiny warm-up, so it counts every byte touched
+- CPU: growth of the resident set at its peak during one fwd + bwd (``dsclora.timing.rss_growth``),
+  each measurement in a fresh subprocess after a tiny warm-up, so it counts every byte touched
   (torch tensors, C++ scratch, allocator slack);
 - GPU: torch.cuda.max_memory_allocated() during fwd + bwd minus the inputs.
 Times are the best of a few repetitions, baseline and fused measured in the same run. On the GPU,
@@ -28,13 +28,12 @@ each case is also measured there, interleaved with ours, and the ratio printed.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 
 import torch
 
+from dsclora import timing
 from dsclora_kernels import spatial_affinity_loss, spatial_affinity_loss_pairs, spatial_affinity_loss_reference
 from dsclora_kernels.affinity import DEFAULT_PRECISION, PRECISIONS
 
@@ -95,16 +94,14 @@ def megabytes(n: float) -> str:
 def cpu_worker(method: str, batch: int, side: int, reps: int, case: str = "unrelated") -> dict:
     step(method, *inputs(1, 4, "cpu"))  # load the extension, warm torch up
     student, teacher = inputs(batch, side, "cpu", case=case)
-    def timed() -> float:
-        start = time.perf_counter()
-        step(method, student, teacher)
-        return time.perf_counter() - start
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = [timed()]
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    times += [timed() for _ in range(reps - 1)]
-    return {"ms": 1e3 * min(times), "extra_bytes": 1024 * peak_kib}
+    def run():
+        step(method, student, teacher)
+
+    times = []
+    extra_bytes = timing.rss_growth(lambda: times.append(timing.call_seconds(run)))  # the first call: time, memory
+    times += timing.repeat(run, warmup=0, repeats=reps - 1) if reps > 1 else []
+    return {"ms": 1e3 * min(times), "extra_bytes": extra_bytes}
 
 
 def cpu_measure(method: str, batch: int, side: int, reps: int, case: str = "unrelated",
@@ -165,29 +162,13 @@ def ties_table(batch: int, sizes: list[int], baseline_python: str | None) -> Non
 # --- GPU: CUDA events, allocator statistics ---------------------------------------------------
 
 
-def _cuda_best_ms(fn, reps: int = 5) -> float:
-    """Best of ``reps`` timed calls of fn() (CUDA events), after one warm-up call (compilation)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return min(times)
-
-
 def gpu_measure(method: str, batch: int, side: int, precision: str = DEFAULT_PRECISION, reps: int = 5):
     try:
         student, teacher = inputs(batch, side, "cuda")
         step(method, student, teacher, precision)  # warm-up (compilation) before the memory baseline
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        ms = _cuda_best_ms(lambda: step(method, student, teacher, precision), reps)
-        return {"ms": ms, "extra_bytes": torch.cuda.max_memory_allocated() - base}
+        with timing.cuda_peak() as peak:
+            times = timing.repeat(lambda: step(method, student, teacher, precision), "cuda", warmup=0, repeats=reps)
+        return {"ms": 1e3 * min(times), "extra_bytes": peak.bytes}
     except torch.OutOfMemoryError:
         return None
     finally:
@@ -207,11 +188,10 @@ def cuda_pairs_row(batch: int = 16, side: int = 64, pairs: int = 6, precision: s
     def one_launch():
         spatial_affinity_loss_pairs(students, teachers, precision=precision).backward()
 
-    best = {"per_pair_ms": float("inf"), "one_launch_ms": float("inf")}
-    for _ in range(3):  # interleaved rounds
-        best["per_pair_ms"] = min(best["per_pair_ms"], _cuda_best_ms(per_pair, 3))
-        best["one_launch_ms"] = min(best["one_launch_ms"], _cuda_best_ms(one_launch, 3))
-    return dict(best, batch=batch, side=side, pairs=pairs, precision=precision)
+    best = timing.minima(timing.interleaved({"per_pair_ms": per_pair, "one_launch_ms": one_launch}, "cuda",
+                                            warmup=1, repeats=9))
+    return {**{k: 1e3 * v for k, v in best.items()}, "batch": batch, "side": side, "pairs": pairs,
+            "precision": precision}
 
 
 def cuda_rows(batch: int = 8, sizes=(64, 128, 256), precisions=PRECISIONS, naive: bool = True) -> list[dict]:

@@ -15,15 +15,14 @@ fp32; CUDA events around each forward, peak memory by ``max_memory_allocated``.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from dsclora import timing
 from dsclora.infer import FusedSpan, merge_span
 from dsclora_kernels import spab_reference
 from dsclora.models import SPAN, load_model
@@ -107,33 +106,15 @@ def _onnx_session(model: SPAN, threads: int):
 def time_interleaved(fns: dict, x: torch.Tensor, dtypes: dict, device: str, warmup: int, repeats: int):
     """name -> list of per-call milliseconds, calls interleaved round-robin."""
     inputs = {name: x.to(device, dtypes[name]) for name in fns}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn(inputs[name])
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn(inputs[name])
-                end.record()
-                torch.cuda.synchronize()
-                times[name].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn(inputs[name])
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
+    calls = {name: (lambda fn=fn, x=inputs[name]: fn(x)) for name, fn in fns.items()}
+    times = timing.interleaved(calls, device, warmup, repeats)
+    return {name: [1e3 * t for t in seconds] for name, seconds in times.items()}
 
 
 def cuda_peak_mb(fn, x) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn(x)
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with timing.cuda_peak() as peak:
+        fn(x)
+    return peak.bytes / 2**20
 
 
 def cpu_peak_mb(name: str, args) -> float | None:
@@ -147,20 +128,11 @@ def cpu_peak_mb(name: str, args) -> float | None:
 
 
 def child_peak(args) -> None:
-    """Print the extra peak RSS of one candidate's first forward (Linux: VmHWM reset via clear_refs)."""
+    """Print the extra peak RSS of one candidate's first forward (``timing.rss_growth``)."""
     model = build_model(args.weights)
     fn = candidates(model, "cpu", args)[args.child_peak][1]()
     x = torch.rand(1, 3, *args.size)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set size
-    before = _status_kb("VmRSS")
-    fn(x)
-    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - before) / 1024}))
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    print(json.dumps({"peak_mb": timing.rss_growth(lambda: fn(x)) / 2**20}))
 
 
 def main() -> None:
@@ -189,7 +161,7 @@ def main() -> None:
     fns = {name: factory() for name, (_, factory) in found.items()}
     x = torch.rand(1, 3, *args.size)
     times = time_interleaved(fns, x, dtypes, args.device, warmup, repeats)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians = timing.medians(times)
     where = torch.cuda.get_device_name() if gpu else f"CPU, {args.threads} threads"
     print(f"SPAN x{model.upscale} C={model.feature_channels}, LR 1x3x{args.size[0]}x{args.size[1]}, {where}, "
           f"torch {torch.__version__}; median of {repeats} interleaved calls")

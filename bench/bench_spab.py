@@ -14,11 +14,10 @@ achieved bandwidth (x read, out and h1 written) against a measured device copy.
     python bench/bench_spab.py --device cuda   # GPU table
 """
 import argparse
-import statistics
-import time
 
 import torch
 
+from dsclora import timing
 from dsclora_kernels import spab, spab_reference
 
 
@@ -32,35 +31,9 @@ def block_inputs(shape, dtype, device, memory_format, requires_grad=False):
     return [t.requires_grad_(requires_grad) for t in (x, *weights)]
 
 
-def timer(device):
-    """A function (fn) -> seconds of one call of fn."""
-    if device == "cuda":
-        def run(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
-        return run
-
-    def run(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    return run
-
-
 def interleaved(candidates: dict, device: str, repeats: int) -> dict[str, float]:
     """Median seconds per candidate, timed round-robin after one warm-up call each."""
-    run = timer(device)
-    for fn in candidates.values():
-        fn()
-    times = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            times[name].append(run(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return timing.medians(timing.interleaved(candidates, device, warmup=1, repeats=repeats))
 
 
 def saved_bytes(fn) -> int:
@@ -119,12 +92,9 @@ def training_table(x, weights, device, repeats):
     for name, fn in (("eager fwd+bwd", spab_reference), ("fused spab fwd+bwd", spab)):
         saved[name] = saved_bytes(lambda: fn(x, *weights))
         if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step(fn)()
-            torch.cuda.synchronize()
-            peak[name] = torch.cuda.max_memory_allocated() - base
+            with timing.cuda_peak() as used:
+                step(fn)()
+            peak[name] = used.bytes
     return medians, saved, peak
 
 

@@ -1,19 +1,20 @@
 """Runtime and peak memory per image in the NTIRE convention (SPEC §8): eager SPAN vs the
 fused inference path (``dsclora.infer``), fp32 and fp16 on CUDA, fp32 on the CPU.
 
-Each forward is timed after warm-up (CUDA events on the GPU, ``perf_counter`` on the CPU);
-an image's runtime is the median over repeats, a row's the mean over images. Peak memory is
-``torch.cuda.max_memory_allocated`` (weights included), CUDA only.
+Each forward is timed after warm-up by ``dsclora.timing`` (CUDA events on the GPU,
+``perf_counter`` on the CPU); an image's runtime is the median over repeats, a row's the mean
+over images. Peak memory is ``torch.cuda.max_memory_allocated`` (weights included), CUDA only.
 """
 import copy
 import dataclasses
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from dsclora import timing
 
 DIV2K_LR_X4 = (339, 510)  # a typical DIV2K validation LR size at x4 (NTIRE runtime set)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -61,28 +62,6 @@ def folder_inputs(folder) -> list[torch.Tensor]:
     return [image_to_tensor(load_image(path).rgb) for path in list_images(folder)]
 
 
-def time_forward(fn: Callable, x: torch.Tensor, warmup: int, repeats: int) -> list[float]:
-    """Milliseconds of ``repeats`` calls ``fn(x)`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(x)
-            end.record()
-            torch.cuda.synchronize(x.device)
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def benchmark(model, inputs: list[torch.Tensor], configs: list[tuple[str, str]] | None = None,
               warmup: int = 3, repeats: int = 10) -> list[BenchResult]:
     """Eager and fused rows for each (device, dtype) of ``configs`` (default ``default_configs()``).
@@ -125,13 +104,15 @@ def _eager(model, device: str, dtype: torch.dtype) -> Callable:
 
 def _measure(path: str, fn: Callable, inputs, device: str, dtype_name: str, warmup: int, repeats: int) -> BenchResult:
     dtype = DTYPES[dtype_name]
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    medians = [statistics.median(time_forward(fn, x.to(device, dtype), warmup, repeats)) for x in inputs]
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    return BenchResult(path, device, dtype_name, statistics.fmean(medians), peak)
+
+    def median_ms(x: torch.Tensor) -> float:
+        return 1e3 * statistics.median(timing.repeat(lambda: fn(x), device, warmup, repeats))
+
+    if not device.startswith("cuda"):
+        return BenchResult(path, device, dtype_name, statistics.fmean(median_ms(x.to(device, dtype)) for x in inputs))
+    with timing.cuda_peak(device, relative=False) as peak:
+        ms = statistics.fmean([median_ms(x.to(device, dtype)) for x in inputs])
+    return BenchResult(path, device, dtype_name, ms, peak.bytes / 2**20)
 
 
 def format_table(results: list[BenchResult]) -> str:

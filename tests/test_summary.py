@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from dsclora.benchmark import BenchResult, format_table, time_forward
+from dsclora import timing
+from dsclora.benchmark import BenchResult, format_table
 from dsclora.cli import main
 from dsclora.export import export
 from dsclora.lora import apply_dsclora
@@ -58,10 +59,20 @@ def test_summary_json(tmp_path, capsys):
     assert result == {"input_shape": [1, 3, 10, 12], **closed_form(4, 4, 2, 10, 12)}
 
 
-def test_time_forward_runs_warmup_then_repeats():
+def test_timing_warms_up_then_interleaves_the_candidates():
     calls = []
-    times = time_forward(calls.append, torch.zeros(1), warmup=2, repeats=3)
-    assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+    times = timing.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=2, repeats=3)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3} and all(t >= 0 for t in times["a"])
+    assert len(timing.repeat(lambda: calls.append("c"), warmup=1, repeats=2)) == 2 and calls.count("c") == 3
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        timing.repeat(lambda: None, repeats=0)
+
+
+def test_rss_growth_sees_memory_touched_by_the_call():
+    size = 64 * 2**20
+    growth = timing.rss_growth(lambda: b"\x01" * size)  # every page written
+    assert growth >= size // 2
 
 
 def test_table_shows_the_ratio_and_missing_rows():
