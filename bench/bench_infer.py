@@ -53,7 +53,7 @@ def candidates(model: SPAN, device: str, args) -> dict[str, tuple[str, callable]
 
     def eager(dtype, memory_format=torch.contiguous_format):
         module = load_model(model.state_dict()).to(device, dtype).to(memory_format=memory_format)
-        return _no_grad(lambda x: module(x.contiguous(memory_format=memory_format)))
+        return in_inference_mode(lambda x: module(x.contiguous(memory_format=memory_format)))
 
     for label in (["fp32"] if device == "cpu" else ["fp16", "fp32"]):
         dtype = DTYPES[label]
@@ -68,14 +68,15 @@ def candidates(model: SPAN, device: str, args) -> dict[str, tuple[str, callable]
         if args.compile and (device == "cpu" or label == "fp16"):
             mode = "max-autotune" if device == "cuda" else None
             found[f"torch.compile{'(max-autotune)' if mode else ''} {label}"] = (
-                label, lambda d=dtype, m=mode: _no_grad(torch.compile(
+                label, lambda d=dtype, m=mode: in_inference_mode(torch.compile(
                     load_model(model.state_dict()).to(device, d), mode=m)))
     if device == "cpu" and args.onnx and _onnx_available():
         found["onnxruntime fp32"] = ("fp32", lambda: _onnx_session(model, args.threads))
     return found
 
 
-def _no_grad(fn):
+def in_inference_mode(fn):
+    """fn(x) under torch.inference_mode."""
     def run(x):
         with torch.inference_mode():
             return fn(x)

@@ -25,7 +25,7 @@ from dsclora.export import export_onnx
 from dsclora.infer import FusedSpan, merge_span
 from dsclora.models import load_model
 
-from bench_infer import DEFAULT_WEIGHTS, SHARED, build_model, time_interleaved
+from bench_infer import DEFAULT_WEIGHTS, SHARED, build_model, in_inference_mode, time_interleaved
 
 DEFAULT_IMAGE = SHARED / "data" / "Urban100_10" / "img_001.png"
 PEERS = ("onnxruntime fp32", "openvino fp32")
@@ -48,7 +48,7 @@ def candidates(model, threads: int) -> dict:
     fused = FusedSpan(merged, "cpu", torch.float32)
     found = {
         "dsclora fused fp32": fused,
-        "eager PyTorch fp32": _no_grad(eager),
+        "eager PyTorch fp32": in_inference_mode(eager),
     }
     onnx_path = Path(tempfile.mkdtemp()) / "span.onnx"
     export_onnx(load_model(model.state_dict()), onnx_path)
@@ -59,13 +59,6 @@ def candidates(model, threads: int) -> dict:
     else:
         print("openvino not installed: its rows are skipped (pip install openvino)")
     return found
-
-
-def _no_grad(fn):
-    def run(x):
-        with torch.inference_mode():
-            return fn(x)
-    return run
 
 
 def _onnx_runtime(path: Path, threads: int):

@@ -74,19 +74,24 @@ def test_every_source_compiles_without_warnings(config, tmp_path):
 
 # ---- a failed build ----
 
+def _build_ext(tmp_path, **env):
+    """Run setup.py's build_ext into tmp_path with ``env`` added; it must exit 0.
+    Returns (the finished process, the build report it wrote)."""
+    result = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+         "--build-temp", str(tmp_path / "tmp")],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, json.loads((tmp_path / "lib" / "dsclora_kernels" / _extension.BUILD_REPORT.name).read_text())
+
+
 def test_failed_extension_build_does_not_fail_the_install(tmp_path):
     """setup.py's build_ext with a compiler that always fails: exit 0 and the reason in the report."""
     if not (ROOT / "setup.py").is_file():
         pytest.skip("no setup.py next to the tests (an installed package only)")
     pytest.importorskip("pybind11")
-    env = {**os.environ, "CC": "false", "CXX": "false", "DSCLORA_EXTENSIONS": "metrics"}
-    result = subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
-         "--build-temp", str(tmp_path / "tmp")],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    outcomes = json.loads((tmp_path / "lib" / "dsclora_kernels" / _extension.BUILD_REPORT.name).read_text())
+    result, outcomes = _build_ext(tmp_path, CC="false", CXX="false", DSCLORA_EXTENSIONS="metrics")
     assert list(outcomes) == ["metrics"]
     assert "C++ build failed at install time" in outcomes["metrics"] and "CompileError" in outcomes["metrics"]
     assert not list((tmp_path / "lib").rglob("_metrics*"))
@@ -101,14 +106,7 @@ def test_missing_pybind11_does_not_fail_the_install(tmp_path):
     hidden = tmp_path / "hide" / "pybind11"
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text("raise ImportError('pybind11 hidden by the test')\n")
-    env = {**os.environ, "PYTHONPATH": str(hidden.parent), "DSCLORA_EXTENSIONS": "metrics,spab"}
-    result = subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
-         "--build-temp", str(tmp_path / "tmp")],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    outcomes = json.loads((tmp_path / "lib" / "dsclora_kernels" / _extension.BUILD_REPORT.name).read_text())
+    _, outcomes = _build_ext(tmp_path, PYTHONPATH=str(hidden.parent), DSCLORA_EXTENSIONS="metrics,spab")
     assert sorted(outcomes) == ["metrics", "spab"]
     assert all("pybind11 was not installed at build time" in why and "hidden by the test" in why
                for why in outcomes.values())
