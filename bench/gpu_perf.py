@@ -40,6 +40,7 @@ from typing import Callable, NamedTuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks' helpers
+from dsclora import timing  # noqa: E402
 from bench_spab import block_inputs, interleaved, training_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,12 +70,9 @@ def peak_mib(fn: Callable, device: str) -> float | None:
     """Extra peak device memory (MiB) of one call of fn; None on the CPU."""
     if device != "cuda":
         return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with timing.cuda_peak() as peak:
+        fn()
+    return peak.bytes / 2**20
 
 
 def ms(seconds: float | None) -> str:
@@ -276,12 +274,8 @@ def train_step(settings: Settings) -> list[str]:
                 model.use_fused_blocks(fused)
             one_step(lr, hr)  # warm-up: compiles, autotunes
             synchronize(settings.device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                one_step(lr, hr)
-            synchronize(settings.device)
-            rows.append([f"{patch} px", str(batch), "fused" if fused else "unfused",
-                         f"{steps / (time.perf_counter() - start):.2f}"])
+            seconds = timing.call_seconds(lambda: [one_step(lr, hr) for _ in range(steps)], settings.device)
+            rows.append([f"{patch} px", str(batch), "fused" if fused else "unfused", f"{steps / seconds:.2f}"])
             if fused and not profile:
                 profile = _profile(lambda: one_step(lr, hr), settings.device, f"{patch}-px patches, batch {batch}")
     return ["DSCLoRA training step (random in-memory batches: no data loading), it/s", "", *note,
