@@ -74,7 +74,7 @@ class Trainer:
         with config_errors("data"):
             self.entries = find_images(config.data.hr, config.data.lr, self.scale)
         self.progress = Progress()
-        self.optimisation = TrainStep(model, self.teacher, loss_fn, self.params, optimizer, ema, config,
+        self.train_step = TrainStep(model, self.teacher, loss_fn, self.params, optimizer, ema, config,
                                       self.ctx, self.progress)
         self.state = TrainingState(self.params, ema, optimizer, self.progress, config, self.ctx.world_size)
         self.stop_requests = StopRequests(self.ctx)
@@ -127,7 +127,7 @@ class Trainer:
     # ------------------------------------------------------------ the parts
     def step(self, lr: torch.Tensor, hr: torch.Tensor, grad_norms: bool = False) -> dict[str, float] | None:
         """One optimisation step on LR (B, 3, h, w) and HR (B, 3, s·h, s·w): see ``TrainStep``."""
-        return self.optimisation(lr, hr, grad_norms)
+        return self.train_step(lr, hr, grad_norms)
 
     def save_checkpoint(self) -> None:
         """Checkpoint ``last`` (written by rank 0)."""
@@ -173,7 +173,7 @@ class Trainer:
         stage_index, stage = config.stage_at(progress.iteration)
         stop = sum(s.iterations for s in config.stages[:stage_index + 1])
         start = stop - stage.iterations
-        optimizer = self.optimisation.optimizer
+        optimizer = self.train_step.optimizer
         sums, counts, since, last = {}, {}, 0, time.perf_counter()
         for lr, hr in self._loader(stage_index, progress.iteration, stop):
             for group in optimizer.param_groups:
