@@ -61,21 +61,12 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         seed_everything(config.seed, config.deterministic)
         self._build_models()
-        loss_fn = DSCLoRALoss(config.loss.rec, config.loss.ts, config.loss.ad, config.loss.reconstruction)
         self.params = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
-        optimizer = torch.optim.Adam(
-            list(self.params.values()), lr=config.stages[0].lr, betas=tuple(config.optim.betas),
-            weight_decay=config.optim.weight_decay,
-        )
-        ema = EMA(self.params, config.optim.ema_decay)
-        model = (DistributedDataParallel(self.student, device_ids=[self.ctx.device] if
-                                         self.ctx.device.type == "cuda" else None)
-                 if self.ctx.distributed else self.student)
+        self.progress = Progress()
+        self.train_step = self._build_step()
         with config_errors("data"):
             self.entries = find_images(config.data.hr, config.data.lr, self.scale)
-        self.progress = Progress()
-        self.train_step = TrainStep(model, self.teacher, loss_fn, self.params, optimizer, ema, config,
-                                      self.ctx, self.progress)
+        ema, optimizer = self.train_step.ema, self.train_step.optimizer
         self.state = TrainingState(self.params, ema, optimizer, self.progress, config, self.ctx.world_size)
         self.stop_requests = StopRequests(self.ctx)
         with config_errors("validation.hr"):
@@ -104,6 +95,19 @@ class Trainer:
             for model in (self.student, self.teacher):
                 if model is not None:
                     model.use_fused_blocks(True)
+
+    def _build_step(self) -> TrainStep:
+        """The loss, Adam on the adapters, their EMA, and the student (DDP-wrapped if distributed)."""
+        config, ctx = self.config, self.ctx
+        loss_fn = DSCLoRALoss(config.loss.rec, config.loss.ts, config.loss.ad, config.loss.reconstruction)
+        optimizer = torch.optim.Adam(
+            list(self.params.values()), lr=config.stages[0].lr, betas=tuple(config.optim.betas),
+            weight_decay=config.optim.weight_decay,
+        )
+        ema = EMA(self.params, config.optim.ema_decay)
+        model = (DistributedDataParallel(self.student, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+                 if ctx.distributed else self.student)
+        return TrainStep(model, self.teacher, loss_fn, self.params, optimizer, ema, config, ctx, self.progress)
 
     def _prepare_run_dir(self, resume: bool) -> None:
         saved = checkpoint.load(self.ckpt_dir, "last") if self.ckpt_dir.is_dir() else None
