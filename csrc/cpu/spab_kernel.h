@@ -2,10 +2,8 @@
 //   h1 = silu(conv(x, w1)); h2 = silu(conv(h1, w2)); o3 = conv(h2, w3);
 //   out = (o3 + x) * (sigmoid(o3) - 0.5)
 //
-// spab.cpp includes this file once per ISA, inside a namespace that defines `V` (a vector
-// traits struct of spab_simd.h) and the function attribute SPAB_TARGET (that ISA's target, on
-// the vector code only: the row bookkeeping stays baseline code, faster on short rows); the
-// shared types (View, Problem, Tiling, block_size) come from spab.cpp.
+// spab.cpp compiles this file once per ISA through isa_copies.h; the vector code uses that ISA's
+// traits V (spab_simd.h), the shared types (View, Problem, Tiling, block_size) come from spab.cpp.
 //
 // Layout and schedule. A work item is one image n, a band of output rows [r0, r1) and a strip
 // of output columns [c0, c1). Inside an item every tensor row lives in a planar scratch row
@@ -16,6 +14,7 @@
 // band and strip is computed twice. Rows and columns outside the image are zero in every
 // ring (the zero padding of each convolution).
 
+using V = Simd<kIsa>;
 using reg = typename V::reg;
 constexpr int VW = V::width;
 
@@ -25,8 +24,8 @@ constexpr int VW = V::width;
 // out[co0+k][x0 + j*VW ...] = bias + sum_{ci, dy, dx} w[co0+k][ci][dy][dx] * in[dy][ci][x + dx - 1]
 // with the weights packed by pack_weights: the block's [ci][tap][k] at wp + co0 * 9 * C.
 template <int CB, int NW>
-SPAB_TARGET void conv_tile(const float* const* in, int64_t L, int C, const float* wp,
-                           const float* bias, int co0, int x0, float* out) {
+void conv_tile(const float* const* in, int64_t L, int C, const float* wp,
+               const float* bias, int co0, int x0, float* out) {
   reg acc[CB][NW];
   DSCLORA_UNROLL(32) for (int k = 0; k < CB; ++k) {
     const reg b = V::set1(bias[co0 + k]);
@@ -55,8 +54,8 @@ SPAB_TARGET void conv_tile(const float* const* in, int64_t L, int C, const float
 
 // A tile of nw <= NW pixel vectors.
 template <int CB, int NW>
-SPAB_TARGET void conv_tile_n(int nw, const float* const* in, int64_t L, int C, const float* wp,
-                             const float* bias, int co0, int x0, float* out) {
+void conv_tile_n(int nw, const float* const* in, int64_t L, int C, const float* wp,
+                 const float* bias, int co0, int x0, float* out) {
   if constexpr (NW > 1) {
     if (nw < NW) return conv_tile_n<CB, NW - 1>(nw, in, L, C, wp, bias, co0, x0, out);
   }
@@ -66,8 +65,8 @@ SPAB_TARGET void conv_tile_n(int nw, const float* const* in, int64_t L, int C, c
 // All nvec pixel vectors of a row in the fewest tiles, of balanced sizes (33 vectors with
 // NW = 4: six tiles of 4 and three of 3, not eight of 4 and an inefficient one of 1).
 template <int CB>
-SPAB_TARGET void conv_block_row(const float* const* in, int64_t L, int C, const float* wp,
-                                const float* bias, int co0, int x0, int nvec, float* out) {
+void conv_block_row(const float* const* in, int64_t L, int C, const float* wp,
+                    const float* bias, int co0, int x0, int nvec, float* out) {
   constexpr int NW = V::acc_regs / CB;
   const int tiles = (nvec + NW - 1) / NW, base = nvec / tiles, larger = nvec % tiles;
   for (int t = 0, j = 0; t < tiles; ++t) {
@@ -78,8 +77,8 @@ SPAB_TARGET void conv_block_row(const float* const* in, int64_t L, int C, const 
 }
 
 // One output row: nvec pixel vectors from buffer column x0, all C output channels.
-SPAB_TARGET void conv_row(const float* const* in, int64_t L, int C, const ConvWeights& w, int x0,
-                          int nvec, float* out) {
+void conv_row(const float* const* in, int64_t L, int C, const ConvWeights& w, int x0,
+              int nvec, float* out) {
   for (int co0 = 0; co0 < C;) {
     const int cb = block_size(C - co0, V::max_block);
     if (cb == 4) {
@@ -112,7 +111,7 @@ void pack_weights(int C, const float* w, float* packed) {
 
 // exp(x), relative error ~1e-7: x = n ln2 + r, |r| <= ln2/2, exp(r) by the Cephes expf
 // polynomial (S. Moshier, Cephes Math Library), 2^n through the exponent bits.
-SPAB_TARGET inline reg vexp(reg x) {
+inline reg vexp(reg x) {
   x = V::min(V::max(x, V::set1(-87.3f)), V::set1(88.3f));
   const reg n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
   reg r = V::fmadd(n, V::set1(-0.693359375f), x);
@@ -127,7 +126,7 @@ SPAB_TARGET inline reg vexp(reg x) {
   return V::mul(p, V::pow2i(n));
 }
 
-SPAB_TARGET inline reg vsigmoid(reg x) {
+inline reg vsigmoid(reg x) {
   const reg one = V::set1(1.0f);
   return V::div(one, V::add(one, vexp(V::sub(V::set1(0.0f), x))));
 }
@@ -137,7 +136,7 @@ struct SiluOp {  // h = silu(a); with d: d = silu'(a) = s (1 + a (1 - s)), writt
   float* a;
   float* h;
   bool grad;
-  SPAB_TARGET void operator()(int64_t i) const {
+  void operator()(int64_t i) const {
     const reg av = V::load(a + i), s = vsigmoid(av);
     V::store(h + i, V::mul(av, s));
     if (grad) {
@@ -150,7 +149,7 @@ struct SiluOp {  // h = silu(a); with d: d = silu'(a) = s (1 + a (1 - s)), writt
 struct AttentionOp {  // out = (o3 + x) * (sigmoid(o3) - 0.5), written over o3
   float* o3;
   const float* x;
-  SPAB_TARGET void operator()(int64_t i) const {
+  void operator()(int64_t i) const {
     const reg o = V::load(o3 + i), s = vsigmoid(o);
     V::store(o3 + i, V::mul(V::add(o, V::load(x + i)), V::sub(s, V::set1(0.5f))));
   }
@@ -162,7 +161,7 @@ struct AttentionGradOp {
   float* o3;
   const float* x;
   float* g;
-  SPAB_TARGET void operator()(int64_t i) const {
+  void operator()(int64_t i) const {
     const reg o = V::load(o3 + i), s = vsigmoid(o), gv = V::load(g + i);
     const reg e = V::sub(s, V::set1(0.5f));
     const reg ds = V::mul(s, V::sub(V::set1(1.0f), s));
@@ -175,7 +174,7 @@ struct EpilogueOp {  // acc = (acc + add) * mul; add and mul optional (nullptr)
   float* acc;
   const float* add;
   const float* mul;
-  SPAB_TARGET void operator()(int64_t i) const {
+  void operator()(int64_t i) const {
     reg v = V::load(acc + i);
     if (add) v = V::add(v, V::load(add + i));
     if (mul) v = V::mul(v, V::load(mul + i));
@@ -184,7 +183,7 @@ struct EpilogueOp {  // acc = (acc + add) * mul; add and mul optional (nullptr)
 };
 
 template <class Op>
-SPAB_TARGET void rowwise(int C, int64_t L, int x0, int nvec, const Op& op) {
+void rowwise(int C, int64_t L, int x0, int nvec, const Op& op) {
   for (int c = 0; c < C; ++c)
     for (int j = 0; j < nvec; ++j) op(c * L + x0 + j * VW);
 }
@@ -324,8 +323,8 @@ void run_conv_item(const ConvStep& st, const Tiling& tl, float* mem, int n, int 
 // (dy - 1, dx - 1), for co in [co0, co0 + CB): g rows [rows][C][L] hold the item's output
 // pixels from column OFF, in rows [rows + 2][C][L] the input from one row above.
 template <int CB>
-SPAB_TARGET void wgrad_tile(const float* g, const float* in, int64_t L, int C, int rows, int nvec,
-                            int co0, int ci, int dy, double* dw) {
+void wgrad_tile(const float* g, const float* in, int64_t L, int C, int rows, int nvec,
+                int co0, int ci, int dy, double* dw) {
   reg acc[CB][3];
   DSCLORA_UNROLL(32) for (int k = 0; k < CB; ++k) {
     DSCLORA_UNROLL(32) for (int dx = 0; dx < 3; ++dx) acc[k][dx] = V::set1(0.0f);
