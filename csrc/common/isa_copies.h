@@ -10,12 +10,12 @@
 // DSCLORA_X86), each with simd_vector.h and the constants
 //   kIsa          that copy's cpu::Isa (a body derives its own tuning from it)
 //   kVectorBytes  its SIMD width: 16 (SSE2, NEON, plain C++), 32 (AVX2), 64 (AVX-512).
-// Every function of an x86 copy is compiled for that instruction set: the copy sits in a target
-// region (DSCLORA_TARGET_PUSH), not per-function attributes, because the vector helpers of
-// simd_vector.h and a body's always_inline helpers need the target too (GCC and clang refuse to
-// inline an always_inline function across a target mismatch, and a vector argument in a function
-// without the target changes its ABI). Code outside a copy (the module's own helpers, the standard
-// library) may be inlined into it, never the other way round.
+// Every function of an x86 copy, lambdas and templates included, is compiled for that instruction
+// set: the copy sits in a target region (DSCLORA_TARGET_PUSH) rather than behind per-function
+// attributes, because the vector helpers of simd_vector.h and a body's always_inline helpers need
+// the target too (GCC and clang refuse to inline an always_inline function across a target
+// mismatch, and a vector argument of a function without the target changes its ABI). Code outside
+// the copies (the module's own helpers, the standard library) may be inlined into them.
 //
 // No include guard on purpose: one inclusion per body. Needs cpu_features.h, <cstring>, <type_traits>.
 
