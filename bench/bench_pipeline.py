@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dsclora import timing
 from dsclora.data.io import load_image, save_samples
 from dsclora.infer import load
 from dsclora.infer.encode import EncodeOptions, quantize
@@ -65,9 +65,8 @@ def png_levels(outputs: list[np.ndarray], rounds: int) -> None:
         for _ in range(rounds):
             for samples in outputs:
                 buffer = io.BytesIO()
-                start = time.perf_counter()
-                Image.fromarray(samples).save(buffer, format="PNG", compress_level=level)
-                times.append(time.perf_counter() - start)
+                times.append(timing.call_seconds(
+                    lambda: Image.fromarray(samples).save(buffer, format="PNG", compress_level=level)))
                 sizes.append(buffer.tell())
         print(f"{level:>9}   {statistics.mean(sizes) / 1e6:8.2f}   {statistics.median(times):7.3f}")
 
@@ -75,14 +74,14 @@ def png_levels(outputs: list[np.ndarray], rounds: int) -> None:
 def encode_threads(outputs: list[np.ndarray], folder: Path, threads: int, rounds: int) -> None:
     """Wall time to write every output with 1 thread and with ``threads`` threads, interleaved."""
     level = EncodeOptions().png_level
-    walls = {1: [], threads: []}
-    for _ in range(rounds):
-        for n in walls:
-            start = time.perf_counter()
-            with ThreadPoolExecutor(n) as pool:
-                list(pool.map(lambda i: save_samples(folder / f"t{i}.png", outputs[i], level), range(len(outputs))))
-            walls[n].append(time.perf_counter() - start)
-    one, many = statistics.median(walls[1]), statistics.median(walls[threads])
+
+    def encode_all(n: int) -> None:
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(lambda i: save_samples(folder / f"t{i}.png", outputs[i], level), range(len(outputs))))
+
+    walls = timing.medians(timing.interleaved({1: lambda: encode_all(1), threads: lambda: encode_all(threads)},
+                                              warmup=0, repeats=rounds))
+    one, many = walls[1], walls[threads]
     print(f"\nencode {len(outputs)} outputs at level {level}: 1 thread {one:.2f} s, {threads} threads "
           f"{many:.2f} s -> {one / many:.2f}x")
 
@@ -93,16 +92,19 @@ def folder_target(upscaler, inputs: list[Path], out: Path, rounds: int) -> list[
     if upscaler.device.type == "cuda":  # the network alone, in the pipeline's batches
         decoded = list(torch.cat(decoded).split(default_batch(upscaler.device)))
     pairs = [(p, out / p.name) for p in inputs]
-    ratios, network, pipeline = [], [], []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        outputs = [quantize(y) for x in decoded for y in upscale_batch(upscaler, x)]
-        network.append(time.perf_counter() - start)
-        start = time.perf_counter()
+    outputs = []
+
+    def network_only() -> None:
+        outputs[:] = [quantize(y) for x in decoded for y in upscale_batch(upscaler, x)]
+
+    def pipeline_run() -> None:
         failures = upscale_files(upscaler, pairs, progress=False)
-        pipeline.append(time.perf_counter() - start)
         assert not failures, failures
-        ratios.append(pipeline[-1] / network[-1])
+
+    times = timing.interleaved({"network": network_only, "pipeline": pipeline_run}, upscaler.device.type,
+                               warmup=0, repeats=rounds)
+    network, pipeline = times["network"], times["pipeline"]
+    ratios = [p / n for p, n in zip(pipeline, network)]
     print(f"\nfolder: {len(inputs)} PNGs 480x270 -> 1920x1080 (png level {EncodeOptions().png_level})")
     print(f"  network only (incl. float->uint8) {statistics.median(network):6.2f} s")
     print(f"  upscale_files pipeline            {statistics.median(pipeline):6.2f} s "
@@ -116,9 +118,13 @@ def cli_run(args: list[str]) -> tuple[float, float]:
     """(wall seconds, peak resident MB) of ``dsclora`` ``args`` in a fresh process."""
     code = ("import resource, sys; from dsclora.cli import main; rc = main(sys.argv[1:]); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    done = None
+
+    def run() -> None:
+        nonlocal done
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+
+    wall = timing.call_seconds(run)
     if done.returncode:
         sys.exit(f"dsclora {' '.join(args)} failed:\n{done.stderr}")
     return wall, int(done.stdout.split()[-1]) / 1024
@@ -198,13 +204,10 @@ def video_throughput(upscaler, tmp: Path, frames: int) -> None:
         out.mux(stream.encode(None))
     with av.open(str(clip)) as c:
         decoded = list(c.decode(video=0))
-    start = time.perf_counter()
-    for frame in decoded:
-        quantize(upscale_batch(upscaler, frames_to_tensor([frame], False))[0])
-    network = time.perf_counter() - start
-    start = time.perf_counter()
-    upscale_video(upscaler, clip, tmp / "clip2160.mp4", progress=False)
-    whole = time.perf_counter() - start
+    device = upscaler.device.type
+    network = timing.call_seconds(
+        lambda: [quantize(upscale_batch(upscaler, frames_to_tensor([f], False))[0]) for f in decoded], device)
+    whole = timing.call_seconds(lambda: upscale_video(upscaler, clip, tmp / "clip2160.mp4", progress=False), device)
     print(f"\nvideo: {frames} frames 960x540 H.264 -> 3840x2160 libx264 CRF 18: upscale_video "
           f"{frames / whole:.3f} frames/s, network alone {frames / network:.3f} frames/s "
           f"(ratio {whole / network:.2f}x)")

@@ -97,7 +97,7 @@ def shared_weights(name: str) -> Path | None:
 def span(weights: str, channels: int, note: list[str]):
     """An eval-form SPAN from the shared checkpoint ``weights``, else random weights of C=channels."""
     from dsclora.models import SPAN
-    from dsclora.train.trainer import load_span
+    from dsclora.train.networks import load_span
 
     path = shared_weights(weights)
     if path is not None:

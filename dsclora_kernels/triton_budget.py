@@ -1,17 +1,15 @@
 """Ahead-of-time resource check of every Triton launch the fused ops make on a GPU; no GPU needed.
 
-Each launch is built by its launcher's own code (``spab.triton.aot_launch``,
-``affinity.triton.aot_launch``: the same arguments, constexprs, num_warps, num_stages and, for
-the autotuned kernel, the configurations left after pruning for the architecture), specialised
-by Triton's own binder and compiled with ``triton.compile`` for ``GPUTarget("cuda", capability,
+Every Triton backend in ``KERNELS`` lists its launches per architecture and builds each with its
+launcher's own code (``aot_cases`` / ``aot_launch``, the interface of ``triton_support``: the
+same arguments, constexprs, num_warps and num_stages), specialised by Triton's own binder and compiled with ``triton.compile`` for ``GPUTarget("cuda", capability,
 32)`` for every architecture in ``gpu_arch.ARCHS``. Shared memory is the compiled metadata;
 registers and spills come from Triton's bundled ``ptxas -v`` on the generated PTX (the command
 Triton itself runs to make the cubin); tensor-core instructions are counted in the cubin's SASS
 (Triton's bundled ``cuobjdump -sass``: HMMA, and HGMMA on sm_90). A launch is over budget when its
-shared memory exceeds the architecture's per-block maximum, when a 16-bit kernel or an affinity
-kernel spills registers (beyond ``AFFINITY_SPILLS_TOLERATED``), when a SPAB launch or an affinity
-launch with TF32 products has no tensor-core instruction, or (persistent kernels) when fewer of its
-programs fit on one SM than the launcher starts per SM.
+shared memory exceeds the architecture's per-block maximum, when it spills more registers than
+its case tolerates, when it must use tensor cores and its SASS has no tensor-core instruction, or
+(persistent kernels) when fewer of its programs fit on one SM than the launcher starts per SM.
 
 ``python -m dsclora_kernels.triton_budget`` (or ``python bench/triton_budget.py``) prints the
 table. Triton's interpreter cannot compile: under TRITON_INTERPRET=1, ``measure`` runs the
@@ -34,45 +32,16 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import gpu_arch
-from .affinity import cost as affinity_cost
 from .affinity import triton as affinity_triton
 from .spab import triton as spab_triton
-from .triton_support import padded_channels, triton_interpreting
+from .triton_support import AotCase, AotLaunch, triton_interpreting
 
-#: SPAN's channel widths: 26 / 28 pad to 32 channels, 48 / 52 to 64.
-SPAB_CHANNELS = (26, 48)
-#: (student, teacher) channels of the affinity loss: SPAN-Tiny 26 / SPAN 28 (the paper's pair), 48 / 52.
-AFFINITY_CHANNELS = ((26, 28), (48, 52))
-
-
-#: Affinity register spills tolerated for now (bytes, Triton 3.9), a ratchet: any other affinity
-#: spill, or a larger one, is a problem. Open work: 48/52 channels; the training pair 26/28
-#: spills nothing on any architecture.
-AFFINITY_SPILLS_TOLERATED = {
-    ("sm_80", "48/52", "grad none, tf32x3"): 136,
-    ("sm_80", "48/52", "grad s, tf32x3, exact signs"): 788,
-    ("sm_90", "48/52", "grad s, tf32x3, exact signs"): 96,
-    ("sm_90", "48/52", "grad s, tf32"): 92,
-    **{(arch, "48/52", mode): spill for arch in ("sm_86", "sm_89") for mode, spill in (
-        ("grad none, tf32x3", 272), ("grad s, ieee, exact signs", 4), ("grad s, tf32x3, exact signs", 16),
-        ("grad s, tf32", 8))},
-}
-
-
-class Case(NamedTuple):
-    """One launch on one architecture: what the table shows, and what rebuilds it in a worker."""
-
-    kernel: str  # "spab" or "affinity"
-    dtype: str
-    channels: str
-    mode: str
-    config: str
-    arch: str
-    build: tuple  # the arguments of the kernel module's aot function, after the architecture
+#: The Triton backends, by op name (each a module with ``aot_cases`` and ``aot_launch``).
+KERNELS = {"spab": spab_triton, "affinity": affinity_triton}
 
 
 class Row(NamedTuple):
-    case: Case
+    case: AotCase
     shared: int
     regs: int
     spill_stores: int
@@ -87,29 +56,11 @@ def _archs() -> dict[str, gpu_arch.Arch]:
     return {a.name: a for a in gpu_arch.ARCHS}
 
 
-def cases(archs: Optional[tuple[str, ...]] = None, kernels: tuple[str, ...] = ("spab", "affinity")) -> list[Case]:
-    """Every launch the ops make on CUDA tensors, on every architecture of ``gpu_arch.ARCHS``
-    (or those named in ``archs``), of ``kernels``."""
-    result = []
-    for arch in gpu_arch.ARCHS:
-        if archs is not None and arch.name not in archs:
-            continue
-        for dtype in spab_triton.DTYPES if "spab" in kernels else ():
-            for channels in SPAB_CHANNELS:
-                for recompute in (False, True):
-                    config = spab_triton.launch_config(arch, dtype, padded_channels(channels), recompute)
-                    result.append(Case("spab", str(dtype)[6:], str(channels), "recompute" if recompute else "forward",
-                                       _describe(config), arch.name, (dtype, channels, recompute)))
-        for cs, ct in AFFINITY_CHANNELS if "affinity" in kernels else ():
-            for case in affinity_triton.aot_cases(cs, ct, arch):
-                result.append(Case("affinity", str(case.dtype)[6:], f"{cs}/{ct}", case.mode, case.config, arch.name,
-                                   (cs, ct) + case.build))
-    return result
-
-
-def _describe(config: spab_triton.LaunchConfig) -> str:
-    return (f"panel {config.panel}, {config.num_warps} warps, {config.num_stages} stages, "
-            f"{config.programs_per_sm}/SM")
+def cases(archs: Optional[tuple[str, ...]] = None, kernels: tuple[str, ...] = tuple(KERNELS)) -> list[AotCase]:
+    """Every launch of ``kernels`` on CUDA tensors, on every architecture of ``gpu_arch.ARCHS``
+    (or those named in ``archs``)."""
+    return [case for arch in gpu_arch.ARCHS if archs is None or arch.name in archs
+            for name in kernels for case in KERNELS[name].aot_cases(arch)]
 
 
 @contextlib.contextmanager
@@ -163,24 +114,21 @@ def tensor_core_instructions(cubin: bytes) -> int:
     return len(re.findall(r"\b(?:HMMA|HGMMA)\.", sass))
 
 
-def _launch(case: Case, arch: gpu_arch.Arch):
-    """(kernel, grid, arguments, keyword arguments, programs per SM or None) of a case."""
-    if case.kernel == "spab":
-        return spab_triton.aot_launch(*case.build, arch)
-    return (*affinity_triton.aot_launch(*case.build), None)
+def _launch(case: AotCase, arch: gpu_arch.Arch) -> AotLaunch:
+    return KERNELS[case.kernel].aot_launch(arch, *case.build)
 
 
-def _measure_one(case: Case) -> Row:
+def _measure_one(case: AotCase) -> Row:
     arch = _archs()[case.arch]
     start = time.perf_counter()
-    kernel, _, args, kwargs, programs = _launch(case, arch)
-    shared, regs, stores, loads, mma = compile_usage(kernel, args, kwargs, arch.capability)
-    return Row(case, shared, regs, stores, loads, mma, arch.blocks_per_sm(shared, regs, kwargs["num_warps"]), programs,
-               time.perf_counter() - start)
+    launch = _launch(case, arch)
+    shared, regs, stores, loads, mma = compile_usage(launch.kernel, launch.args, launch.kwargs, arch.capability)
+    return Row(case, shared, regs, stores, loads, mma, arch.blocks_per_sm(shared, regs, launch.kwargs["num_warps"]),
+               launch.programs_per_sm, time.perf_counter() - start)
 
 
 def measure(jobs: int = 2, archs: Optional[tuple[str, ...]] = None,
-            kernels: tuple[str, ...] = ("spab", "affinity")) -> list[Row]:
+            kernels: tuple[str, ...] = tuple(KERNELS)) -> list[Row]:
     """Compile every case of ``cases(archs, kernels)`` with ``jobs`` processes; rows in case order."""
     if triton_interpreting():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -199,7 +147,7 @@ def measure(jobs: int = 2, archs: Optional[tuple[str, ...]] = None,
 
 
 def _row_from_json(r: dict) -> Row:
-    case = Case(**{**r["case"], "build": ()})
+    case = AotCase(**{**r["case"], "build": ()})
     return Row(case, *(r[k] for k in Row._fields[1:]))
 
 
@@ -212,13 +160,10 @@ def problems(rows: list[Row]) -> list[str]:
         name = f"{c.kernel} {c.dtype} C={c.channels} {c.mode} [{c.config}] on {c.arch}"
         if row.shared > arch.smem_per_block:
             found.append(f"{name}: {row.shared} B shared memory > {arch.smem_per_block} B per block")
-        tolerated = AFFINITY_SPILLS_TOLERATED.get((c.arch, c.channels, c.mode), 0) if c.kernel == "affinity" else 0
-        if (c.kernel == "affinity" or c.dtype in ("float16", "bfloat16")) and row.spill_stores > tolerated:
-            found.append(f"{name}: spills {row.spill_stores} B of registers")
-        if c.kernel == "affinity" and "tf32" in c.mode and not row.tensor_core_ops:
-            found.append(f"{name}: no tensor-core MMA instruction in its SASS")
-        if c.kernel == "spab" and not row.tensor_core_ops:
-            found.append(f"{name}: no tensor-core instruction (HMMA / HGMMA) in the SASS")
+        if c.spills_tolerated is not None and row.spill_stores > c.spills_tolerated:
+            found.append(f"{name}: spills {row.spill_stores} B of registers (tolerated: {c.spills_tolerated} B)")
+        if c.needs_tensor_cores and not row.tensor_core_ops:
+            found.append(f"{name}: no tensor-core instruction (HMMA / HGMMA) in its SASS")
         if row.programs_per_sm is not None and row.blocks_per_sm < row.programs_per_sm:
             found.append(f"{name}: {row.blocks_per_sm} programs fit on an SM, the launcher starts "
                          f"{row.programs_per_sm} per SM")
@@ -254,11 +199,11 @@ def device_table(device: str = "cuda") -> str:
     lines = [("kernel", "dtype", "C", "mode", "config", "arch", "shared B", "device shared B", "regs",
               "device regs", "spill B", "device spills")]
     for case in cases((arch.name,)):
-        kernel, grid, args, kwargs, _ = _launch(case, arch)
-        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-        compiled = kernel[grid](*args, **kwargs)
+        launch = _launch(case, arch)
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in launch.args)
+        compiled = launch.kernel[launch.grid](*args, **launch.kwargs)
         torch.cuda.synchronize(device)
-        shared, regs, stores, _, _ = compile_usage(kernel, args, kwargs, arch.capability)
+        shared, regs, stores, _, _ = compile_usage(launch.kernel, args, launch.kwargs, arch.capability)
         lines.append((case.kernel, case.dtype, case.channels, case.mode, case.config, case.arch, str(shared),
                       str(compiled.metadata.shared), str(regs), str(compiled.n_regs), str(stores),
                       str(compiled.n_spills)))
@@ -270,7 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiling processes")
     parser.add_argument("--json", action="store_true", help="rows as JSON (for measure())")
     parser.add_argument("--archs", nargs="+", help="only these architectures (e.g. sm_80)")
-    parser.add_argument("--kernels", nargs="+", default=["spab", "affinity"], choices=["spab", "affinity"])
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--device", help="launch on this CUDA device instead and show what it reports")
     args = parser.parse_args(argv)
     if args.device:
@@ -281,8 +226,6 @@ def main(argv=None) -> int:
         print(json.dumps([{**r._asdict(), "case": {**r.case._asdict(), "build": None}} for r in rows]))
         return 0
     print(table(rows))
-    if "affinity" in args.kernels:
-        print("\n" + affinity_cost.table())
     found = problems(rows)
     print("\n".join(["", *found]) if found else f"\nall {len(rows)} launches fit their budgets")
     return 1 if found else 0

@@ -1,8 +1,15 @@
-"""What every Triton backend shares: whether Triton can run here, and the channel padding of
-its kernels. Importing this module does not import triton."""
+"""What every Triton backend shares: whether Triton can run here, the channel padding of its
+kernels, and the ahead-of-time interface ``triton_budget`` compiles them through. Importing this
+module does not import triton.
+
+Every Triton backend module offers, for ``triton_budget``:
+  ``aot_cases(arch) -> list[AotCase]``: every launch it makes on GPUs of budget ``arch``;
+  ``aot_launch(arch, *case.build) -> AotLaunch``: one of them, built on CPU tensors.
+"""
 import functools
 import importlib.util
 import os
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -60,3 +67,27 @@ def status(device: torch.device) -> str:
 def padded_channels(c: int) -> int:
     """c rounded up to a power of two, at least 16 (the smallest ``tl.dot`` size)."""
     return max(16, 1 << (c - 1).bit_length())
+
+
+class AotCase(NamedTuple):
+    """One launch of a Triton backend on one GPU architecture, and the budget it must meet."""
+
+    kernel: str  # the op: "spab", "affinity"
+    dtype: str
+    channels: str
+    mode: str
+    config: str
+    arch: str
+    build: tuple  # the backend's ``aot_launch`` arguments after the architecture
+    spills_tolerated: Optional[int]  # register spill bytes allowed (None: any, e.g. fp32 CUDA-core code)
+    needs_tensor_cores: bool  # its SASS must hold HMMA / HGMMA instructions
+
+
+class AotLaunch(NamedTuple):
+    """A launch as ``kernel[grid](*args, **kwargs)`` would make it."""
+
+    kernel: Any  # the @triton.jit function
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    programs_per_sm: Optional[int]  # persistent kernels: how many the launcher starts per SM

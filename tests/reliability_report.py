@@ -163,7 +163,7 @@ def checkpoints_section(work: Path, summary: list) -> str:
     from dsclora.infer import load as load_upscaler
     from dsclora.models import load_model, read_state_dict
     from dsclora.train import Trainer, checkpoint, load_config
-    from dsclora.train.trainer import load_span
+    from dsclora.train.networks import load_span
 
     work.mkdir(parents=True)
     marker = work / "code_ran.txt"

@@ -19,7 +19,7 @@ from dsclora.infer import load as load_upscaler
 from dsclora.models import CheckpointError, load_model, read_state_dict
 from dsclora.train import Trainer, checkpoint, load_config
 from dsclora.train.config import ConfigError
-from dsclora.train.trainer import load_span
+from dsclora.train.networks import load_span
 
 
 @pytest.fixture(scope="module")

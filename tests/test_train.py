@@ -271,9 +271,9 @@ def test_training_run_folder_export_and_validation(tiny):
     best_tensors, _ = checkpoint.load(run / "checkpoints", "best")
     with torch.no_grad():
         assert torch.allclose(last(x), load_model(run / "dsclora_x2_last.safetensors")(x), atol=1e-6)
-        assert torch.allclose(last(x), trainer.deployed_model()(x), atol=1e-5)  # EMA of the last checkpoint
+        assert torch.allclose(last(x), trainer.selection.deployed_model()(x), atol=1e-5)  # EMA of the last checkpoint
         assert not torch.allclose(last(x), load_model(tiny / "base.pth")(x), atol=1e-4)  # it trained
-        best = trainer.deployed_model({n: best_tensors[f"ema.{n}"] for n in trainer.params})
+        best = trainer.selection.deployed_model({n: best_tensors[f"ema.{n}"] for n in trainer.params})
         assert torch.allclose(load_model(run / "dsclora_x2.pth")(x), best(x), atol=1e-5)
 
 
@@ -315,9 +315,9 @@ def test_non_finite_steps_are_skipped_then_the_run_aborts(tiny):
     trainer = Trainer(config)
     before = {n: p.detach().clone() for n, p in trainer.params.items()}
     lr, hr = torch.rand(2, 3, 8, 8), torch.full((2, 3, 16, 16), float("nan"))
-    assert trainer.step(lr, hr) is None and trainer.skipped == 1
+    assert trainer.step(lr, hr) is None and trainer.progress.skipped == 1
     assert all(torch.equal(before[n], p) for n, p in trainer.params.items())
-    assert trainer.step(lr, torch.rand(2, 3, 16, 16)) is not None and trainer.nonfinite_run == 0
+    assert trainer.step(lr, torch.rand(2, 3, 16, 16)) is not None and trainer.progress.nonfinite_run == 0
     trainer.step(lr, hr)
     trainer.step(lr, hr)
     with pytest.raises(TrainingError, match="3 consecutive"):

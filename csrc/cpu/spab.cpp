@@ -42,9 +42,23 @@ struct View {
 };
 
 struct ConvWeights {
-  const float* packed;  // by pack_weights of the ISA that runs
-  const float* bias;    // [co]
+  const float* packed;    // by pack_weights of the ISA that runs
+  const float* winograd;  // the Winograd::N 1x3 convolutions of pack_winograd (SPAB forward)
+  const float* bias;      // [co]
 };
+
+// Winograd F(2, 3) along the rows (points 0, 1, -1, infinity; Lavin & Gray 2016): two output
+// rows from four input rows with four 1x3 convolutions instead of six: 1.5x fewer products,
+// errors of the order of the direct convolution's (every coefficient is 0, +-1 or 1/2).
+struct Winograd {
+  static constexpr int M = 2, N = 4;
+  static constexpr float BT[N][N] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+  static constexpr double G[N][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  static constexpr float AT[M][N] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+};
+
+// Floats `pack` writes per weight (C, C, 3, 3): the 3x3 layout, then the Winograd 1x3 ones.
+inline int64_t packed_floats(int64_t C) { return C * C * (9 + 3 * Winograd::N); }
 
 struct Problem {
   int B, C, H, W;
@@ -70,10 +84,10 @@ struct WGradStep {
   float* db = nullptr;
 };
 
-// Scratch rows (of C x row_length floats) per thread: SPAB rings x 4, h1 3, h2 3, conv output,
-// dL/dout; a ConvStep's input ring 3, conv output, add, mul; a WGradStep's chunk of
-// WGRAD_ROWS rows of g and WGRAD_ROWS + 2 of the input.
-constexpr int SPAB_SCRATCH_ROWS = 14, CONV_SCRATCH_ROWS = 6, WGRAD_ROWS = 4;
+// Scratch rows (of C x row_length floats) per thread: SPAB rings x 3M + 1, h1 3M, h2 3M, the
+// Winograd rows u and m (N), dL/dout; a ConvStep's input ring 3, conv output, add, mul; a
+// WGradStep's chunk of WGRAD_ROWS rows of g and WGRAD_ROWS + 2 of the input.
+constexpr int SPAB_SCRATCH_ROWS = 9 * Winograd::M + 1 + Winograd::N + 2, CONV_SCRATCH_ROWS = 6, WGRAD_ROWS = 4;
 
 struct Tiling {
   int strip_width, strips, band_height, bands;
@@ -134,8 +148,8 @@ Tiling make_tiling(int B, int C, int H, int W, int threads, int vw, int strip_wi
   }
   t.band_height = std::min(band_height, H);
   t.bands = (H + t.band_height - 1) / t.band_height;
-  const int n1 = (t.strip_width + 4 + vw - 1) / vw;
-  t.row_length = (OFF + int64_t(n1) * vw + 2 + 15) / 16 * 16;
+  const int n1 = (t.strip_width + 4 + vw - 1) / vw;  // h1's vectors; its Winograd input spans one more
+  t.row_length = (OFF + int64_t(n1 + 1) * vw + 2 + 15) / 16 * 16;
   return t;
 }
 
@@ -173,10 +187,11 @@ float* vector(const std::optional<TensorArg>& arg, int64_t size, const std::stri
   return contiguous(arg, std::array<int64_t, 1>{size}, name);
 }
 
-// Convolution i's weights packed by `pack` (C*C*9,) and bias (C,).
+// Convolution i's weights packed by `pack` (packed_floats(C),) and bias (C,).
 ConvWeights conv_weights(const TensorArg& packed, const TensorArg& bias, int64_t C, int i) {
   const std::string n = std::to_string(i + 1);
-  return ConvWeights{vector(packed, C * C * 9, "packed w" + n), vector(bias, C, "b" + n)};
+  const float* p = vector(packed, packed_floats(C), "packed w" + n);
+  return ConvWeights{p, p + C * C * 9, vector(bias, C, "b" + n)};
 }
 
 using Weights = std::array<TensorArg, 6>;  // w1 packed by `pack`, b1, w2 packed, b2, w3 packed, b3
@@ -197,8 +212,8 @@ void solve(P& pb, const Shape& shape, int threads, const std::string& isa_name, 
 void pack(const TensorArg& w, const TensorArg& packed, const std::string& isa_name) {
   const int64_t C = dsclora::view<float, 4>(w, "spab: w").shape[0];
   const float* src = contiguous(w, Shape{C, C, 3, 3}, "w");
-  float* dst = vector(packed, C * C * 9, "packed");
-  DSCLORA_ISA_CALL(cpu::resolve(isa_name, "spab"), pack_weights(int(C), src, dst));
+  float* dst = vector(packed, packed_floats(C), "packed");
+  DSCLORA_ISA_CALL(cpu::resolve(isa_name, "spab"), pack_conv(int(C), src, dst));
 }
 
 void forward(const TensorArg& x, const TensorArg& out, const TensorArg& h1, const Weights& weights, int threads,
@@ -250,8 +265,10 @@ PYBIND11_MODULE(_spab, m) {
   m.doc() = "Fused SPAB block (float32, CPU): forward, the backward's recompute and conv steps. Tensors are "
             "TensorArgs (address, dtype, shape, strides) made by dsclora_kernels._native.";
   m.def("supported_isas", &dsclora::cpu::supported_names, "Instruction sets this CPU runs, best first.");
+  m.def("packed_floats", &s::packed_floats, py::arg("C"), "Size of `pack`'s output for C channels.");
   m.def("pack", &s::pack, py::arg("w"), py::arg("packed"), py::arg("isa") = "auto",
-        "Weight w (C, C, 3, 3) contiguous -> packed (C*C*9,) in the layout of the kernel for `isa`.");
+        "Weight w (C, C, 3, 3) contiguous -> packed (packed_floats(C),) in the layout of the kernel for `isa`: "
+        "the 3x3 convolution's, then the Winograd 1x3 ones.");
   m.def("forward", &s::forward, py::arg("x"), py::arg("out"), py::arg("h1"), py::arg("weights"),
         py::arg("threads"), py::arg("isa") = "auto", py::arg("strip_width") = 0, py::arg("band_height") = 0,
         py::call_guard<py::gil_scoped_release>(),

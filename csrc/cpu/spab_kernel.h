@@ -19,21 +19,24 @@ using reg = typename V::reg;
 constexpr int VW = V::width;
 
 // ---- the convolution: CB output channels x NW pixel vectors in registers ----
-// A register tile holds CB x NW accumulators, CB broadcast weights and one input vector.
+// A register tile holds CB x NW accumulators, CB broadcast weights and one input vector. The
+// convolution has ROWS x 3 taps: ROWS = 3 is the 3x3 convolution, ROWS = 1 a 1x3 one (the
+// Winograd products below, on transformed rows).
 
-// out[co0+k][x0 + j*VW ...] = bias + sum_{ci, dy, dx} w[co0+k][ci][dy][dx] * in[dy][ci][x + dx - 1]
-// with the weights packed by pack_weights: the block's [ci][tap][k] at wp + co0 * 9 * C.
-template <int CB, int NW>
+// out[co0+k][x0 + j*VW ...] = bias + sum_{ci, dy < ROWS, dx} w[co0+k][ci][dy][dx] * in[dy][ci][x + dx - 1]
+// with the weights packed by pack_weights: the block's [ci][tap][k] at wp + co0 * 3 * ROWS * C;
+// bias nullptr: zero.
+template <int CB, int NW, int ROWS>
 void conv_tile(const float* const* in, int64_t L, int C, const float* wp,
                const float* bias, int co0, int x0, float* out) {
   reg acc[CB][NW];
   DSCLORA_UNROLL(32) for (int k = 0; k < CB; ++k) {
-    const reg b = V::set1(bias[co0 + k]);
+    const reg b = V::set1(bias ? bias[co0 + k] : 0.0f);
     DSCLORA_UNROLL(32) for (int j = 0; j < NW; ++j) acc[k][j] = b;
   }
-  const float* w_ci = wp + int64_t(co0) * 9 * C;
-  for (int ci = 0; ci < C; ++ci, w_ci += 9 * CB) {
-    DSCLORA_UNROLL(32) for (int dy = 0; dy < 3; ++dy) {
+  const float* w_ci = wp + int64_t(co0) * 3 * ROWS * C;
+  for (int ci = 0; ci < C; ++ci, w_ci += 3 * ROWS * CB) {
+    DSCLORA_UNROLL(32) for (int dy = 0; dy < ROWS; ++dy) {
       const float* row = in[dy] + ci * L + x0 - 1;
       DSCLORA_UNROLL(32) for (int dx = 0; dx < 3; ++dx) {
         // CB broadcast weights stay in registers, each input vector is loaded once.
@@ -53,58 +56,142 @@ void conv_tile(const float* const* in, int64_t L, int C, const float* wp,
 }
 
 // A tile of nw <= NW pixel vectors.
-template <int CB, int NW>
+template <int CB, int NW, int ROWS>
 void conv_tile_n(int nw, const float* const* in, int64_t L, int C, const float* wp,
                  const float* bias, int co0, int x0, float* out) {
   if constexpr (NW > 1) {
-    if (nw < NW) return conv_tile_n<CB, NW - 1>(nw, in, L, C, wp, bias, co0, x0, out);
+    if (nw < NW) return conv_tile_n<CB, NW - 1, ROWS>(nw, in, L, C, wp, bias, co0, x0, out);
   }
-  conv_tile<CB, NW>(in, L, C, wp, bias, co0, x0, out);
+  conv_tile<CB, NW, ROWS>(in, L, C, wp, bias, co0, x0, out);
 }
 
 // All nvec pixel vectors of a row in the fewest tiles, of balanced sizes (33 vectors with
 // NW = 4: six tiles of 4 and three of 3, not eight of 4 and an inefficient one of 1).
-template <int CB>
+template <int CB, int ROWS>
 void conv_block_row(const float* const* in, int64_t L, int C, const float* wp,
                     const float* bias, int co0, int x0, int nvec, float* out) {
   constexpr int NW = V::acc_regs / CB;
   const int tiles = (nvec + NW - 1) / NW, base = nvec / tiles, larger = nvec % tiles;
   for (int t = 0, j = 0; t < tiles; ++t) {
     const int nw = base + (t < larger);
-    conv_tile_n<CB, NW>(nw, in, L, C, wp, bias, co0, x0 + j * VW, out);
+    conv_tile_n<CB, NW, ROWS>(nw, in, L, C, wp, bias, co0, x0 + j * VW, out);
     j += nw;
   }
 }
 
-// One output row: nvec pixel vectors from buffer column x0, all C output channels.
-void conv_row(const float* const* in, int64_t L, int C, const ConvWeights& w, int x0,
+// One output row: nvec pixel vectors from buffer column x0, all C output channels, of the
+// ROWS x 3 convolution with weights wp (packed by pack_weights) and bias (nullptr: zero).
+template <int ROWS>
+void conv_row(const float* const* in, int64_t L, int C, const float* wp, const float* bias, int x0,
               int nvec, float* out) {
   for (int co0 = 0; co0 < C;) {
     const int cb = block_size(C - co0, V::max_block);
     if (cb == 4) {
-      if constexpr (V::max_block >= 4) conv_block_row<4>(in, L, C, w.packed, w.bias, co0, x0, nvec, out);
+      if constexpr (V::max_block >= 4) conv_block_row<4, ROWS>(in, L, C, wp, bias, co0, x0, nvec, out);
     } else if (cb == 3) {
-      conv_block_row<3>(in, L, C, w.packed, w.bias, co0, x0, nvec, out);
+      conv_block_row<3, ROWS>(in, L, C, wp, bias, co0, x0, nvec, out);
     } else if (cb == 2) {
-      conv_block_row<2>(in, L, C, w.packed, w.bias, co0, x0, nvec, out);
+      conv_block_row<2, ROWS>(in, L, C, wp, bias, co0, x0, nvec, out);
     } else {
-      conv_block_row<1>(in, L, C, w.packed, w.bias, co0, x0, nvec, out);
+      conv_block_row<1, ROWS>(in, L, C, wp, bias, co0, x0, nvec, out);
     }
     co0 += cb;
   }
 }
 
-// Weights (co, ci, 3, 3) -> the layout conv_tile reads: for each register block of output
-// channels [co0, co0 + cb) (conv_row's partition), [ci][tap][k] at co0 * 9 * C.
-void pack_weights(int C, const float* w, float* packed) {
+// Weights w[co][ci][tap] (taps = 3 x ROWS per pair) -> the layout conv_tile<., ., ROWS> reads:
+// for each register block of output channels [co0, co0 + cb) (conv_row's partition),
+// [ci][tap][k] at co0 * taps * C.
+void pack_weights(int C, int taps, const float* w, float* packed) {
   for (int co0 = 0; co0 < C;) {
     const int cb = block_size(C - co0, V::max_block);
     for (int ci = 0; ci < C; ++ci)
-      for (int tap = 0; tap < 9; ++tap)
+      for (int tap = 0; tap < taps; ++tap)
         for (int k = 0; k < cb; ++k)
-          packed[int64_t(co0) * 9 * C + (ci * 9 + tap) * cb + k] = w[(int64_t(co0 + k) * C + ci) * 9 + tap];
+          packed[int64_t(co0) * taps * C + (ci * taps + tap) * cb + k] =
+              w[(int64_t(co0 + k) * C + ci) * taps + tap];
     co0 += cb;
   }
+}
+
+// ---- Winograd F(M, 3) along the rows (Lavin & Gray 2016): M output rows of a 3x3 convolution
+// from its M + 2 input rows r_i with (M + 2) x 3 convolutions of one row instead of 3 x M:
+//   u_k = sum_i BT[k][i] r_i,  m_k = conv1x3(u_k, G_k w),  out_r = bias + sum_k AT[r][k] m_k
+// (G_k w: the row taps of w combined by G[k][dy]). The rows' vectors run along the width, so
+// the transforms are elementwise on rows.
+
+// Weights w (C, C, 3, 3) -> N 1x3 convolutions (G_k w), each packed for conv_row<1>.
+void pack_winograd(int C, const float* w, float* packed) {
+  std::vector<float> gw(int64_t(C) * C * 3);
+  for (int k = 0; k < Winograd::N; ++k) {
+    for (int64_t pair = 0; pair < int64_t(C) * C; ++pair)
+      for (int dx = 0; dx < 3; ++dx) {
+        double sum = 0.0;
+        for (int dy = 0; dy < 3; ++dy) sum += Winograd::G[k][dy] * double(w[pair * 9 + dy * 3 + dx]);
+        gw[pair * 3 + dx] = float(sum);
+      }
+    pack_weights(C, 3, gw.data(), packed + int64_t(k) * C * C * 3);
+  }
+}
+
+// Weights w (C, C, 3, 3) -> `pack`'s layout: the 3x3 convolution's (9 C^2 floats), then pack_winograd's.
+void pack_conv(int C, const float* w, float* packed) {
+  pack_weights(C, 9, w, packed);
+  pack_winograd(C, w, packed + int64_t(C) * C * 9);
+}
+
+// dst[c][j] = sum_i BT[K][i] rows[i][c][j], elementwise on buffer columns [x0, x0 + nvec*VW) of all C
+// (K a constant: the zero and +-1 coefficients fold away).
+template <int K>
+void transform_in(const float* const* rows, int64_t L, int C, int x0, int nvec, float* dst) {
+  for (int c = 0; c < C; ++c) {
+    const int64_t base = c * L + x0;
+    for (int j = 0; j < nvec; ++j) {
+      reg u = V::set1(0.0f);
+      DSCLORA_UNROLL(8) for (int i = 0; i < Winograd::N; ++i) {
+        if (Winograd::BT[K][i] != 0.0f) u = V::fmadd(V::set1(Winograd::BT[K][i]), V::load(rows[i] + base + j * VW), u);
+      }
+      V::store(dst + base + j * VW, u);
+    }
+  }
+}
+
+// out[r] = bias + sum_k AT[r][k] m[k] for the M output rows, on [x0, x0 + nvec*VW) of all C;
+// out[r] may be m[r] (every m is read before a row is written).
+void transform_out(float* const* m, const float* bias, int64_t L, int C, int x0, int nvec,
+                   float* const* out) {
+  for (int c = 0; c < C; ++c) {
+    const reg b = V::set1(bias[c]);
+    for (int j = 0; j < nvec; ++j) {
+      const int64_t i = c * L + x0 + j * VW;
+      reg mk[Winograd::N], y[Winograd::M];
+      for (int k = 0; k < Winograd::N; ++k) mk[k] = V::load(m[k] + i);
+      for (int r = 0; r < Winograd::M; ++r) {
+        y[r] = b;
+        for (int k = 0; k < Winograd::N; ++k)
+          if (Winograd::AT[r][k] != 0.0f) y[r] = V::fmadd(V::set1(Winograd::AT[r][k]), mk[k], y[r]);
+      }
+      for (int r = 0; r < Winograd::M; ++r) V::store(out[r] + i, y[r]);
+    }
+  }
+}
+
+// m[k] = conv1x3(u_k, G_k w) for k = K .. N-1, u_k made from in[0 .. M+2) in the one row u.
+template <int K = 0>
+void winograd_products(const float* const* in, int64_t L, int C, const ConvWeights& w, int x0,
+                       int nvec, float* u, float* const* m) {
+  const float* u_rows[1] = {u};
+  transform_in<K>(in, L, C, x0 - 1, nvec + 1, u);  // the 1x3 taps read one column either side
+  conv_row<1>(u_rows, L, C, w.winograd + int64_t(K) * C * C * 3, nullptr, x0, nvec, m[K]);
+  if constexpr (K + 1 < Winograd::N) winograd_products<K + 1>(in, L, C, w, x0, nvec, u, m);
+}
+
+// The 3x3 convolution of M output rows from in[0 .. M+2) (rows y0-1 .. y0+M) on buffer columns
+// [x0, x0 + nvec*VW): out[r] = row y0 + r; scratch u (1 row) and m (N rows) of C x L floats.
+void conv_rows_winograd(const float* const* in, int64_t L, int C, const ConvWeights& w, int x0,
+                        int nvec, float* u, float* const* m, float* const* out) {
+  winograd_products(in, L, C, w, x0, nvec, u, m);
+  transform_out(m, w.bias, L, C, x0, nvec, out);
 }
 
 // ---- pointwise math ----
@@ -190,25 +277,37 @@ void rowwise(int C, int64_t L, int x0, int nvec, const Op& op) {
 
 // ---- one work item ----
 
-// The rows of a SPAB work item, carved out of SPAB_SCRATCH_ROWS rows of C x L floats.
+// The rows of a SPAB work item, carved out of SPAB_SCRATCH_ROWS rows of C x L floats: the
+// rings x, h1, h2, the Winograd scratch u and m, and a dL/dout row.
 struct Scratch {
-  float* x[4];
-  float* h1[3];
-  float* h2[3];
-  float* acc;  // conv output row
-  float* g;    // dL/dout row (recompute only)
+  static constexpr int M = Winograd::M, X_RING = 3 * M + 1, H_RING = 3 * M;
+  float* x[X_RING];
+  float* h1[H_RING];
+  float* h2[H_RING];
+  float* u;
+  float* m[Winograd::N];
+  float* g;  // dL/dout row (recompute only)
   Scratch(float* p, int C, int64_t L) {
     for (auto& r : x) r = p, p += C * L;
     for (auto& r : h1) r = p, p += C * L;
     for (auto& r : h2) r = p, p += C * L;
-    acc = p, p += C * L;
+    u = p, p += C * L;
+    for (auto& r : m) r = p, p += C * L;
     g = p;
   }
 };
+static_assert(SPAB_SCRATCH_ROWS == Scratch::X_RING + 2 * Scratch::H_RING + Winograd::N + 2, "scratch rows");
 
 inline int ring(int y, int n) { return ((y % n) + n) % n; }
+inline int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
+// Output rows of every stage come in groups of M = Winograd::M rows at r0 + i * M: h1 covers
+// rows [r0 - 2, r1 + 2), h2 [r0 - 1, r1 + 1), o3 [r0, r1); step i computes h1 group i, h2
+// group i - 1 (from h1 groups i - 2 .. i) and o3 group i - 2 (from h2 groups i - 3 .. i - 1).
+// A row computed beyond what a later stage needs may read ring rows not yet written (zero or
+// stale but finite); no needed row depends on it.
 void run_item(const Problem& pb, const Tiling& tl, float* mem, int n, int r0, int r1, int c0, int c1) {
+  constexpr int M = Winograd::M;
   const int C = pb.C, H = pb.H, W = pb.W, tw = c1 - c0;
   const int64_t L = tl.row_length;
   Scratch s(mem, C, L);
@@ -221,7 +320,7 @@ void run_item(const Problem& pb, const Tiling& tl, float* mem, int n, int r0, in
   const int xa = std::max(0, c0 - 3), xb = std::min(W, c1 + 3);
 
   const auto load_x = [&](int y) {
-    float* row = s.x[ring(y, 4)];
+    float* row = s.x[ring(y, Scratch::X_RING)];
     if (y < 0 || y >= H) std::fill(row, row + C * L, 0.0f);
     else load_row(pb.x, n, y, xa, xb, row + col(xa), L, C);
   };
@@ -237,57 +336,58 @@ void run_item(const Problem& pb, const Tiling& tl, float* mem, int n, int r0, in
   const auto store_core = [&](const View& v, const float* row, int y) {
     store_row(row + OFF, L, C, v, n, y, c0, tw);
   };
+  // The convolution of the M rows from row y0 of a ring (its rows y0 - 1 .. y0 + M) into s.m[0 .. M).
+  const auto conv_group = [&](float* const* rows, int ring_size, int y0, const ConvWeights& w, int x0, int nvec) {
+    const float* in[M + 2];
+    for (int i = 0; i < M + 2; ++i) in[i] = rows[ring(y0 - 1 + i, ring_size)];
+    conv_rows_winograd(in, L, C, w, x0, nvec, s.u, s.m, s.m);
+  };
+  // h = silu(a) of group y0 into the ring `h` (rows outside the image zero); core rows stored
+  // (h and, in recompute, silu'(a) to d, when given).
+  const auto silu_group = [&](float* const* h, int y0, int x0, int nvec, const View* h_out, const View* d_out) {
+    for (int r = 0; r < M; ++r) {
+      const int y = y0 + r;
+      float* row = h[ring(y, Scratch::H_RING)];
+      if (y < 0 || y >= H) {
+        std::fill(row, row + C * L, 0.0f);
+        continue;
+      }
+      const bool core = y >= r0 && y < r1;
+      rowwise(C, L, x0, nvec, SiluOp{s.m[r], row, pb.recompute && core});
+      clear_outside(row, x0, nvec);
+      if (core && h_out) store_core(*h_out, row, y);
+      if (core && d_out && pb.recompute) store_core(*d_out, s.m[r], y);
+    }
+  };
 
-  load_x(r0 - 3);
-  load_x(r0 - 2);
-  for (int t = r0 - 2; t <= r1 + 1; ++t) {
-    load_x(t + 1);
-    {  // h1 row t
-      float* h1 = s.h1[ring(t, 3)];
-      if (t < 0 || t >= H) {
-        std::fill(h1, h1 + C * L, 0.0f);
-      } else {
-        const float* in[3] = {s.x[ring(t - 1, 4)], s.x[ring(t, 4)], s.x[ring(t + 1, 4)]};
-        conv_row(in, L, C, pb.conv[0], x1, n1, s.acc);
-        const bool core = t >= r0 && t < r1;
-        rowwise(C, L, x1, n1, SiluOp{s.acc, h1, pb.recompute && core});
-        clear_outside(h1, x1, n1);
-        if (core) {
-          store_core(pb.h1, h1, t);
-          if (pb.recompute) store_core(pb.d1, s.acc, t);
-        }
-      }
+  const int first = floor_div(-2, M), last_h1 = floor_div(r1 + 1 - r0, M), last_h2 = floor_div(r1 - r0, M),
+            last_o3 = floor_div(r1 - 1 - r0, M);
+  int next_x = r0 + first * M - 1;
+  for (int i = first; i <= last_o3 + 2; ++i) {
+    const int y1 = r0 + i * M, y2 = y1 - M, y3 = y2 - M;  // first rows of the h1, h2, o3 groups
+    for (; next_x <= y1 + M; ++next_x) load_x(next_x);  // h1's input; o3's residual rows stay
+    const auto inside = [&](int y0) { return y0 + M > 0 && y0 < H; };  // a row of the group is
+    if (i <= last_h1) {
+      if (inside(y1)) conv_group(s.x, Scratch::X_RING, y1, pb.conv[0], x1, n1);
+      silu_group(s.h1, y1, x1, n1, &pb.h1, &pb.d1);
     }
-    const int u = t - 1;  // h2 row u
-    if (u >= r0 - 1 && u <= r1) {
-      float* h2 = s.h2[ring(u, 3)];
-      if (u < 0 || u >= H) {
-        std::fill(h2, h2 + C * L, 0.0f);
-      } else {
-        const float* in[3] = {s.h1[ring(u - 1, 3)], s.h1[ring(u, 3)], s.h1[ring(u + 1, 3)]};
-        conv_row(in, L, C, pb.conv[1], x2, n2, s.acc);
-        const bool core = u >= r0 && u < r1;
-        rowwise(C, L, x2, n2, SiluOp{s.acc, h2, pb.recompute && core});
-        clear_outside(h2, x2, n2);
-        if (core && pb.recompute) {
-          store_core(pb.h2, h2, u);
-          store_core(pb.d2, s.acc, u);
-        }
-      }
+    if (i - 1 >= first && i - 1 <= last_h2) {
+      if (inside(y2)) conv_group(s.h1, Scratch::H_RING, y2, pb.conv[1], x2, n2);
+      silu_group(s.h2, y2, x2, n2, pb.recompute ? &pb.h2 : nullptr, &pb.d2);
     }
-    const int v = t - 2;  // o3 row v, always inside the image
-    if (v >= r0 && v < r1) {
-      const float* in[3] = {s.h2[ring(v - 1, 3)], s.h2[ring(v, 3)], s.h2[ring(v + 1, 3)]};
-      conv_row(in, L, C, pb.conv[2], x3, n3, s.acc);
-      const float* x = s.x[ring(v, 4)];
+    if (i - 2 < 0 || i - 2 > last_o3) continue;
+    conv_group(s.h2, Scratch::H_RING, y3, pb.conv[2], x3, n3);
+    for (int r = 0; r < M && y3 + r < r1; ++r) {  // o3 rows, inside the image
+      const int v = y3 + r;
+      const float* x = s.x[ring(v, Scratch::X_RING)];
       if (pb.recompute) {
         load_row(pb.g_out, n, v, c0, c1, s.g + OFF, L, C);
-        rowwise(C, L, x3, n3, AttentionGradOp{s.acc, x, s.g});
-        store_core(pb.g_o3, s.acc, v);
+        rowwise(C, L, x3, n3, AttentionGradOp{s.m[r], x, s.g});
+        store_core(pb.g_o3, s.m[r], v);
         store_core(pb.g_xres, s.g, v);
       } else {
-        rowwise(C, L, x3, n3, AttentionOp{s.acc, x});
-        store_core(pb.out, s.acc, v);
+        rowwise(C, L, x3, n3, AttentionOp{s.m[r], x});
+        store_core(pb.out, s.m[r], v);
       }
     }
   }
@@ -311,7 +411,7 @@ void run_conv_item(const ConvStep& st, const Tiling& tl, float* mem, int n, int 
   for (int y = r0; y < r1; ++y) {
     load_in(y + 1);
     const float* rows[3] = {in[ring(y - 1, 3)], in[ring(y, 3)], in[ring(y + 1, 3)]};
-    conv_row(rows, L, C, st.conv, OFF, nvec, acc);
+    conv_row<3>(rows, L, C, st.conv.packed, st.conv.bias, OFF, nvec, acc);
     if (st.add.data) load_row(st.add, n, y, c0, c1, add + OFF, L, C);
     if (st.mul.data) load_row(st.mul, n, y, c0, c1, mul + OFF, L, C);
     rowwise(C, L, OFF, nvec, EpilogueOp{acc, st.add.data ? add : nullptr, st.mul.data ? mul : nullptr});

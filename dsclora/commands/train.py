@@ -14,9 +14,8 @@ def run(args) -> int:
     import logging
     import sys
 
-    from dsclora.train import ConfigError, TrainingError, load_config, train
+    from dsclora.train import ConfigError, TrainingError, TrainingInterrupted, load_config, train
     from dsclora.train.checkpoint import CheckpointStateError
-    from dsclora.train.trainer import TrainingInterrupted
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

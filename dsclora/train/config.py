@@ -4,6 +4,7 @@ Schema and defaults (SPEC §5) are the dataclasses below; the README's "Train" s
 every key. ``load_config(path, overrides)`` validates as it builds, and every error names the key.
 ``to_toml(config)`` writes the resolved configuration back (saved in the run folder).
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -65,6 +66,11 @@ class LossConfig:
     ad: float = 0.01                    # λ_ad: spatial affinity of the feature maps below
     reconstruction: str = "l1"          # "l1" or "l2"
     features: str = "blocks"            # distilled maps: "blocks" (F1..F6) or "dscf" (convs of blocks 1-3)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether a term against the teacher (ts or ad) has a weight."""
+        return self.ts > 0 or self.ad > 0
 
 
 @dataclass
@@ -270,7 +276,7 @@ def validate(config: TrainConfig, source: str = "configuration") -> None:
     check(config.loss.rec + config.loss.ts + config.loss.ad > 0, "loss", "all weights are 0")
     check(config.loss.reconstruction in ("l1", "l2"), "loss.reconstruction", "must be 'l1' or 'l2'")
     check(config.loss.features in FEATURE_SETS, "loss.features", f"must be one of {FEATURE_SETS}")
-    check(bool(config.model.teacher) or config.loss.ts == config.loss.ad == 0, "model.teacher",
+    check(bool(config.model.teacher) or not config.loss.needs_teacher, "model.teacher",
           "a teacher checkpoint is required when loss.ts or loss.ad is > 0")
     check(all(r > 0 for r in config.model.ranks.values()), "model.ranks", "ranks must be > 0")
     check(len(config.model.targets) > 0, "model.targets", "at least one target layer is required")
@@ -295,6 +301,18 @@ def check_stages(config: TrainConfig, scale: int, world_size: int) -> None:
         if stage.batch_size % world_size:
             raise ConfigError(f"stages[{i}].batch_size: {stage.batch_size} is not divisible by "
                               f"the {world_size} processes")
+
+
+@contextlib.contextmanager
+def config_errors(key: str):
+    """Re-raise a bad file/folder/table error from inside the block as a ConfigError naming ``key``."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise ConfigError(f"{key}: {message}") from exc
 
 
 # ---------------------------------------------------------------- writing

@@ -1,6 +1,6 @@
 """Cost model of the fused affinity loss on an H100 / H200: FLOPs, bytes and predicted time of one
 forward + student-gradient call. Predictions, not measurements (``bench/bench_affinity.py``
-measures on a GPU); ``python -m dsclora_kernels.triton_budget`` prints ``table()``.
+measures on a GPU); ``python -m dsclora_kernels.affinity.cost`` prints ``table()``.
 
 Rates (docs/KERNELS notes, ``/work/shared/KERNELS.md``, and NVIDIA's H100 SXM datasheet; the H200
 has the same SMs and clocks, more memory bandwidth): TF32 tensor cores 495 TFLOP/s dense, derated
@@ -94,3 +94,7 @@ def table(batch: int = 8, cs: int = 26, ct: int = 28, sides=(64, 128, 256)) -> s
                  + ", ".join(f"{s}²: {r:.1f}x" for s, r in zip(sides, calibration))
                  + " slower than modelled (tensor-core modes unmeasured: expect a similar factor until tuned on a GPU)")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table())

@@ -33,7 +33,7 @@ def pack(*weights: Tensor, isa: str) -> tuple[Tensor, ...]:
     for t in weights:
         t = t.detach().contiguous()
         if t.dim() == 4:
-            out = torch.empty(t.numel(), dtype=torch.float32)
+            out = torch.empty(_extension.load(EXTENSION).packed_floats(t.shape[0]), dtype=torch.float32)
             _native.call(EXTENSION, "pack", arg(t, "w", "contiguous"), arg(out, "packed w"), isa=isa)
             t = out
         packed.append(t)

@@ -293,21 +293,6 @@ def _launch(x, packed, outputs, g_out=None):
     _launches.record("spab.recompute" if g_out is not None else "spab.forward")
 
 
-def aot_launch(dtype: torch.dtype, channels: int, recompute: bool, arch: gpu_arch.Arch):
-    """(kernel, grid, arguments, keyword arguments, programs per SM) of the launch ``_launch`` makes
-    for a CUDA (1, channels, 64, 64) NCHW input on ``arch`` (one program), on CPU tensors
-    (triton_budget)."""
-    x = torch.zeros(1, channels, 64, 64, dtype=dtype)
-    cp = padded_channels(channels)
-    packed = torch.zeros(3, 9, cp, cp, dtype=dtype), torch.zeros(3, cp)
-    outputs = (None,) + tuple(torch.empty_like(x) for _ in range(6))
-    if not recompute:
-        outputs = outputs[1:3] + (None,) * 5
-    config = launch_config(arch, dtype, cp, recompute)
-    grid, args, meta = _kernel_call(x, packed, outputs, torch.zeros_like(x) if recompute else None, config, 1, False)
-    return _spab_kernel, grid, args, meta, config.programs_per_sm
-
-
 # ---- the "triton" backend of spab ----
 
 def status(device: torch.device) -> str:
@@ -332,3 +317,40 @@ def recompute(x: Tensor, g_out: Tensor, weights: tuple[Tensor, ...]) -> tuple[Te
     outputs = tuple(torch.empty_like(x) for _ in range(6))
     _launch(x, cached(weights, "triton", pack_weights), (None, *outputs), g_out=g_out)
     return outputs
+
+
+# ---- ahead-of-time compilation (triton_budget; triton_support's interface) ----
+
+#: SPAN's channel widths: 26 / 28 pad to 32 channels, 48 / 52 to 64.
+AOT_CHANNELS = (26, 48)
+
+
+def aot_cases(arch: gpu_arch.Arch) -> list[triton_support.AotCase]:
+    """Every launch on ``arch``: dtypes x AOT_CHANNELS x forward / recompute. Each must use tensor
+    cores; 16-bit launches must not spill (fp32's tf32x3 doubles the live operands and may)."""
+    cases = []
+    for dtype in DTYPES:
+        for channels in AOT_CHANNELS:
+            for recompute in (False, True):
+                config = launch_config(arch, dtype, padded_channels(channels), recompute)
+                described = (f"panel {config.panel}, {config.num_warps} warps, {config.num_stages} stages, "
+                             f"{config.programs_per_sm}/SM")
+                cases.append(triton_support.AotCase(
+                    "spab", str(dtype)[6:], str(channels), "recompute" if recompute else "forward", described,
+                    arch.name, (dtype, channels, recompute),
+                    spills_tolerated=None if dtype == torch.float32 else 0, needs_tensor_cores=True))
+    return cases
+
+
+def aot_launch(arch: gpu_arch.Arch, dtype: torch.dtype, channels: int, recompute: bool) -> triton_support.AotLaunch:
+    """The launch ``_launch`` makes for a CUDA (1, channels, 64, 64) NCHW input on ``arch`` (one
+    program), built on CPU tensors."""
+    x = torch.zeros(1, channels, 64, 64, dtype=dtype)
+    cp = padded_channels(channels)
+    packed = torch.zeros(3, 9, cp, cp, dtype=dtype), torch.zeros(3, cp)
+    outputs = (None,) + tuple(torch.empty_like(x) for _ in range(6))
+    if not recompute:
+        outputs = outputs[1:3] + (None,) * 5
+    config = launch_config(arch, dtype, cp, recompute)
+    grid, args, meta = _kernel_call(x, packed, outputs, torch.zeros_like(x) if recompute else None, config, 1, False)
+    return triton_support.AotLaunch(_spab_kernel, grid, args, meta, config.programs_per_sm)
