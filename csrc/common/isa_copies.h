@@ -10,12 +10,13 @@
 // DSCLORA_X86), each with simd_vector.h and the constants
 //   kIsa          that copy's cpu::Isa (a body derives its own tuning from it)
 //   kVectorBytes  its SIMD width: 16 (SSE2, NEON, plain C++), 32 (AVX2), 64 (AVX-512).
-// Every function of an x86 copy, lambdas and templates included, is compiled for that instruction
-// set: the copy sits in a target region (DSCLORA_TARGET_PUSH) rather than behind per-function
-// attributes, because the vector helpers of simd_vector.h and a body's always_inline helpers need
-// the target too (GCC and clang refuse to inline an always_inline function across a target
-// mismatch, and a vector argument of a function without the target changes its ABI). Code outside
-// the copies (the module's own helpers, the standard library) may be inlined into them.
+// Every function of an x86 copy, lambdas included, is compiled for that instruction set: the copy
+// sits in a target region (DSCLORA_TARGET_PUSH) rather than having an attribute on each function,
+// so that no helper can miss it (a function without the target cannot inline an intrinsic, an
+// always_inline function with it, and passes 32- or 64-byte vectors with another ABI). The row
+// bookkeeping around the vector loops is thus compiled for the target too (spab kept it baseline
+// code before: the same speed, measured). Code outside the copies (the module's helpers, the
+// standard library) may be inlined into them.
 //
 // No include guard on purpose: one inclusion per body. Needs cpu_features.h, <cstring>, <type_traits>.
 

@@ -1,6 +1,6 @@
-// SIMD vector traits for the SPAB kernel: Simd<isa>, one specialisation per instruction set of
-// cpu_features.h, same interface; spab_kernel.h's copy for an instruction set (isa_copies.h) uses its
-// own. The members of the x86 ones are compiled for their instruction set (a target region).
+// SIMD vector traits of the SPAB kernel, Simd<isa>: one specialisation per instruction set of
+// cpu_features.h, same interface; each copy of spab_kernel.h (isa_copies.h) uses its own. The
+// members of the x86 ones are compiled for their instruction set (a target region).
 // A register tile of the convolution holds up to `acc_regs` accumulators of up to
 // `max_block` output channels, plus max_block broadcast weights and one input vector
 // (12 + 3 + 1 = 16 ymm or xmm; 24 + 4 + 1 of 32 zmm or NEON registers).
