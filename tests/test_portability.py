@@ -232,14 +232,15 @@ def test_cpp_checks_its_tensor_arguments_again():
     if ext is None:
         pytest.skip(_extension.status("spab"))
     x = torch.zeros(1, 2, 3, 3)
-    weights = [_native.tensor(t, "w", torch.float32) for t in (torch.zeros(2 * 2 * 9), torch.zeros(2))] * 3
+    packed_size = ext.packed_floats(2)
+    weights = [_native.tensor(t, "w", torch.float32) for t in (torch.zeros(packed_size), torch.zeros(2))] * 3
     arg = lambda t: _native.tensor(t, "t", t.dtype)  # noqa: E731
     with pytest.raises(ValueError, match=r"spab: out must have shape \(1, 2, 3, 3\), got \(1, 2, 3, 4\)"):
         ext.forward(arg(x), arg(torch.zeros(1, 2, 3, 4)), arg(x), weights, threads=1)
     with pytest.raises(ValueError, match="spab: h1 must be float32, got float64"):
         ext.forward(arg(x), arg(x), arg(x.double()), weights, threads=1)
-    with pytest.raises(ValueError, match="spab: packed w2 must have shape \\(36,\\)"):
-        ext.forward(arg(x), arg(x), arg(x), weights[:2] + [arg(torch.zeros(35))] + weights[3:], threads=1)
+    with pytest.raises(ValueError, match=f"spab: packed w2 must have shape \\({packed_size},\\)"):
+        ext.forward(arg(x), arg(x), arg(x), weights[:2] + [arg(torch.zeros(packed_size - 1))] + weights[3:], threads=1)
     with pytest.raises(ValueError, match="spab: dw must be contiguous"):
         ext.wgrad(arg(x), arg(x), arg(torch.zeros(2, 2, 3, 3).transpose(0, 1)), None)
     with pytest.raises(ValueError, match="spab: input must have 4 dimensions"):

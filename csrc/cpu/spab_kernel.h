@@ -9,10 +9,12 @@
 // of output columns [c0, c1). Inside an item every tensor row lives in a planar scratch row
 // [C][L] (channel-major, columns contiguous, vectors run along the width, so no channel
 // padding is needed for any C). Buffer column OFF holds image column c0. Rows stream through
-// ring buffers: x (4 rows), h1 (3), h2 (3); at step t the item computes h1 row t, h2 row t-1
-// and o3 row t-2, so the three convolutions chain in cache and only the 3-pixel halo of each
-// band and strip is computed twice. Rows and columns outside the image are zero in every
-// ring (the zero padding of each convolution).
+// ring buffers (x, h1, h2) in groups of Winograd::M rows: at step i the item computes h1 group
+// i, h2 group i - 1 and o3 group i - 2 (run_item), so the three convolutions chain in cache and
+// only the 3-pixel halo of each band and strip (rounded to groups) is computed twice. Each
+// group's 3x3 convolution is a Winograd F(M, 3) along the rows (conv_rows_winograd); the
+// backward's ConvStep uses the direct 3x3 tiles. Rows and columns outside the image are zero
+// in every ring (the zero padding of each convolution).
 
 using V = Simd<kIsa>;
 using reg = typename V::reg;

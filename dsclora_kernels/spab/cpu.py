@@ -33,8 +33,9 @@ def pack(*weights: Tensor, isa: str) -> tuple[Tensor, ...]:
     for t in weights:
         t = t.detach().contiguous()
         if t.dim() == 4:
+            w = arg(t, "w", "contiguous")  # checked before anything reaches the extension
             out = torch.empty(_extension.load(EXTENSION).packed_floats(t.shape[0]), dtype=torch.float32)
-            _native.call(EXTENSION, "pack", arg(t, "w", "contiguous"), arg(out, "packed w"), isa=isa)
+            _native.call(EXTENSION, "pack", w, arg(out, "packed w"), isa=isa)
             t = out
         packed.append(t)
     return tuple(packed)
