@@ -1,6 +1,6 @@
 // Instruction sets of the CPU kernels and the compiler-specific syntax they need, for every module.
 //
-// Each module compiles its hot code once per instruction set and picks one at run time:
+// Each module compiles its hot code once per instruction set (isa_copies.h) and picks one at run time:
 //   "avx512"  AVX-512 F/DQ/VL/BW with AVX2 and FMA (x86-64, GCC or clang)
 //   "avx2"    AVX2 and FMA (x86-64, GCC or clang)
 //   "generic" every CPU and compiler: 16-byte vectors (SSE2, NEON) with GCC/clang, plain C++17 elsewhere
@@ -35,10 +35,8 @@
 // Target features of the two x86 paths; detection below checks exactly these.
 #define DSCLORA_AVX2_FEATURES "avx2,fma"
 #define DSCLORA_AVX512_FEATURES "avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
-// A function marked DSCLORA_TARGET(features), and every function declared between
-// DSCLORA_TARGET_PUSH(features) and DSCLORA_TARGET_POP, is compiled for `features` (such code is
-// only called after detection says the CPU has them).
-#define DSCLORA_TARGET(features) __attribute__((target(features)))
+// Every function declared between DSCLORA_TARGET_PUSH(features) and DSCLORA_TARGET_POP is
+// compiled for `features` (such code is only called after detection says the CPU has them).
 #ifdef __clang__
 #define DSCLORA_TARGET_PUSH(features) \
   DSCLORA_PRAGMA(clang attribute push(__attribute__((target(features))), apply_to = function))

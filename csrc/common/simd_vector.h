@@ -1,12 +1,13 @@
 // Fixed-size SIMD vectors for kernels written once for several instruction sets (affinity_tiles.h,
-// the Generic traits of spab_simd.h): GCC/clang vector extensions where the compiler has them,
+// Simd<generic> of spab_simd.h): GCC/clang vector extensions where the compiler has them,
 // else (MSVC, -DDSCLORA_STANDARD_CPP) a plain C++17 array type with the same arithmetic.
 // On both: element access v[i], V{} == 0, + - * / += and unary minus; comparisons and selects
 // only through the helpers below.
 //
-// No include guard on purpose: include it inside each instruction set's namespace (and target
-// region), so that every function here is compiled for that instruction set (passing a vector to
-// a function compiled without it would change the ABI). Needs cpu_features.h, <cstring>, <type_traits>.
+// No include guard on purpose: isa_copies.h includes it in each instruction set's copy (namespace
+// and target region), so that every function here is compiled for that instruction set (passing a
+// vector to a function compiled without it would change the ABI). Needs cpu_features.h, <cstring>,
+// <type_traits>.
 
 #ifdef DSCLORA_GNU
 template <typename T, int Bytes> struct VectorOf { typedef T type __attribute__((vector_size(Bytes))); };

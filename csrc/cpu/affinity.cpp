@@ -13,8 +13,8 @@
 // raw features by the same tile code (affinity_tiles.h: refine_ties).
 //
 // SIMD: the tile code (affinity_tiles.h) is compiled for every instruction set of cpu_features.h
-// (generic: SSE2 or NEON) and chosen at run time; no -march flags are needed. Tensors arrive as
-// TensorArgs (tensor_view.h).
+// (generic: SSE2 or NEON) by isa_copies.h and chosen at run time; no -march flags are needed.
+// Tensors arrive as TensorArgs (tensor_view.h).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -102,42 +102,8 @@ Operand<T> tile_operand(const T* x, int64_t channels, int64_t ld, int64_t i0, in
   return Operand<T>{x + i0, ld, x + j0, ld, channels};
 }
 
-namespace generic {
-constexpr int kVectorBytes = 16, kTileColumns = 6, kTileChannels = 6;
-#include "simd_vector.h"
-#include "affinity_tiles.h"
-}  // namespace generic
-
-#ifdef DSCLORA_X86
-DSCLORA_TARGET_PUSH(DSCLORA_AVX2_FEATURES)
-namespace avx2 {
-constexpr int kVectorBytes = 32, kTileColumns = 6, kTileChannels = 6;
-#include "simd_vector.h"
-#include "affinity_tiles.h"
-}  // namespace avx2
-DSCLORA_TARGET_POP
-
-DSCLORA_TARGET_PUSH(DSCLORA_AVX512_FEATURES)
-namespace avx512 {
-constexpr int kVectorBytes = 64, kTileColumns = 6, kTileChannels = 12;
-#include "simd_vector.h"
-#include "affinity_tiles.h"
-}  // namespace avx512
-DSCLORA_TARGET_POP
-#endif
-
-using cpu::Isa;
-
-template <typename T>
-double run(const Problem& p, Isa isa) {
-  switch (isa) {
-#ifdef DSCLORA_X86
-    case Isa::avx512: return avx512::run<T>(p);
-    case Isa::avx2: return avx2::run<T>(p);
-#endif
-    default: return generic::run<T>(p);
-  }
-}
+#define DSCLORA_ISA_BODY "affinity_tiles.h"
+#include "isa_copies.h"
 
 // The Problem of affinity_l1's tensors in T (float or double); see there.
 template <typename T>
@@ -174,10 +140,13 @@ double affinity_l1(const TensorArg& xs, const TensorArg& xt, const std::optional
                    const std::optional<TensorArg>& gt, const TensorArg& fs, const TensorArg& ft,
                    const std::optional<TensorArg>& rs, const std::optional<TensorArg>& rt, double tie_bound,
                    int threads, const std::string& isa_name) {
-  const Isa isa = cpu::resolve(isa_name, "affinity_l1");
-  if (dtype_of(xs) == dtype_name<double>())
-    return run<double>(problem<double>(xs, xt, gs, gt, fs, ft, rs, rt, tie_bound, threads), isa);
-  return run<float>(problem<float>(xs, xt, gs, gt, fs, ft, rs, rt, tie_bound, threads), isa);
+  const cpu::Isa isa = cpu::resolve(isa_name, "affinity_l1");
+  if (dtype_of(xs) == dtype_name<double>()) {
+    const Problem p = problem<double>(xs, xt, gs, gt, fs, ft, rs, rt, tie_bound, threads);
+    return DSCLORA_ISA_CALL(isa, run<double>(p));
+  }
+  const Problem p = problem<float>(xs, xt, gs, gt, fs, ft, rs, rt, tie_bound, threads);
+  return DSCLORA_ISA_CALL(isa, run<float>(p));
 }
 
 }  // namespace dsclora::affinity

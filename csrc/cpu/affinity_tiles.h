@@ -1,9 +1,7 @@
 // Tile kernels of the blockwise spatial-affinity L1 loss for one instruction set.
 //
-// No include guard on purpose: affinity.cpp includes this file once per instruction set, inside a
-// namespace that defines kVectorBytes (SIMD width), kTileColumns (columns j per difference
-// micro-tile) and kTileChannels (channels per gradient micro-tile), after simd_vector.h and, for
-// x86, inside that instruction set's target region. The code uses the vectors of simd_vector.h,
+// No include guard on purpose: affinity.cpp compiles this file once per instruction set through
+// isa_copies.h (kIsa, kVectorBytes, simd_vector.h). The code uses the vectors of simd_vector.h,
 // so one source serves SSE2, NEON, AVX2 and AVX-512; register blocking is explicit (accumulator
 // arrays of vectors, fully unrolled). The exact recomputation of tied entries runs the same tile
 // code in double.
@@ -11,6 +9,9 @@
 // Layout: every feature map is channel-major, x[c * ld + pixel], pixels zero beyond N.
 
 template <typename T> using Vec = Vector<T, kVectorBytes>;
+
+constexpr int kTileColumns = 6;  // columns j per difference micro-tile
+constexpr int kTileChannels = kIsa == cpu::Isa::avx512 ? 12 : 6;  // channels per gradient micro-tile
 
 template <typename T> constexpr int kLanes = kVectorBytes / sizeof(T);
 constexpr int kGroupVectors = 2;  // vectors of rows i per micro-tile

@@ -5,15 +5,17 @@
 // over the five moments (a, b, a², b², ab), a horizontal pass, then the map values are
 // summed at once (the map is never stored). Rows are split over threads; per-row sums are
 // reduced in row order, so the result does not depend on the thread count.
-// The row loops (metrics_rows.h) are compiled for every instruction set of cpu_features.h and
-// chosen at run time. Tensors arrive as TensorArgs (tensor_view.h).
+// The row loops (metrics_rows.h) are compiled for every instruction set of cpu_features.h by
+// isa_copies.h and chosen at run time. Tensors arrive as TensorArgs (tensor_view.h).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_features.h"
@@ -35,39 +37,8 @@ struct Moments {
   }
 };
 
-namespace generic {
-#include "metrics_rows.h"
-}  // namespace generic
-
-#ifdef DSCLORA_X86
-DSCLORA_TARGET_PUSH(DSCLORA_AVX2_FEATURES)
-namespace avx2 {
-#include "metrics_rows.h"
-}  // namespace avx2
-DSCLORA_TARGET_POP
-
-DSCLORA_TARGET_PUSH(DSCLORA_AVX512_FEATURES)
-namespace avx512 {
-#include "metrics_rows.h"
-}  // namespace avx512
-DSCLORA_TARGET_POP
-#endif
-
-// The row loops of one instruction set.
-struct Rows {
-  decltype(&generic::y_row) y_row;
-  decltype(&generic::ssim_tile_sum) ssim_tile_sum;
-};
-
-Rows rows(const std::string& isa, const char* op) {
-  switch (cpu::resolve(isa, op)) {
-#ifdef DSCLORA_X86
-    case cpu::Isa::avx512: return Rows{avx512::y_row, avx512::ssim_tile_sum};
-    case cpu::Isa::avx2: return Rows{avx2::y_row, avx2::ssim_tile_sum};
-#endif
-    default: return Rows{generic::y_row, generic::ssim_tile_sum};
-  }
-}
+#define DSCLORA_ISA_BODY "metrics_rows.h"
+#include "isa_copies.h"
 
 // src (H, W, 3) float64 RGB with 0-255 samples, any strides -> dst (H, W) float64 contiguous.
 void rgb_to_y(const TensorArg& src_arg, const TensorArg& dst_arg, int threads, const std::string& isa) {
@@ -75,7 +46,7 @@ void rgb_to_y(const TensorArg& src_arg, const TensorArg& dst_arg, int threads, c
   const int64_t height = src.shape[0], width = src.shape[1];
   expect_shape(src, {height, width, 3}, "rgb_to_y: src");
   double* dst = contiguous_data<double>(dst_arg, std::array<int64_t, 2>{height, width}, "rgb_to_y: dst");
-  const auto y_row = rows(isa, "rgb_to_y").y_row;
+  const auto y_row = DSCLORA_ISA_CALL(cpu::resolve(isa, "rgb_to_y"), y_row);
   parallel_for(height, threads, [&](int64_t begin, int64_t end) {
     for (int64_t y = begin; y < end; ++y)
       y_row(src.data + y * src.strides[0], width, src.strides[1], src.strides[2], dst + y * width);
@@ -102,7 +73,7 @@ double ssim_mean(const TensorArg& a_arg, const TensorArg& b_arg, const TensorArg
     throw std::invalid_argument("ssim: image of " + std::to_string(height) + "x" + std::to_string(width) +
                                 " is smaller than the " + std::to_string(k) + "x" + std::to_string(k) +
                                 " window");
-  const auto ssim_tile_sum = rows(isa, "ssim").ssim_tile_sum;
+  const auto ssim_tile_sum = DSCLORA_ISA_CALL(cpu::resolve(isa, "ssim"), ssim_tile_sum);
   const int64_t out_height = height - k + 1, out_width = width - k + 1;
   std::vector<double> row_sums(out_height);
   parallel_for(out_height, threads, [&](int64_t begin, int64_t end) {
@@ -137,7 +108,7 @@ int64_t test_parallel_for_failure(int64_t n, int threads, int64_t fail_at) {
 
 PYBIND11_MODULE(_metrics, m) {
   namespace k = dsclora::metrics;
-  m.doc() = "float64 Y conversion and SSIM (dsclora_kernels.metrics_ops wraps these). Tensors are TensorArgs "
+  m.doc() = "float64 Y conversion and SSIM (dsclora_kernels.metrics wraps these). Tensors are TensorArgs "
             "(address, dtype, shape, strides) made by dsclora_kernels._native.";
   m.def("supported_isas", &dsclora::cpu::supported_names, "Instruction sets this CPU runs, best first.");
   m.def("rgb_to_y", &k::rgb_to_y, py::arg("src"), py::arg("dst"), py::arg("threads"), py::arg("isa") = "auto",

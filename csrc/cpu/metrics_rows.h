@@ -1,7 +1,7 @@
 // The row loops of the metrics kernels for one instruction set (the compiler vectorises them).
 //
-// No include guard on purpose: metrics.cpp includes this file once per instruction set, inside a
-// namespace and, for x86, inside that instruction set's target region; Moments comes from metrics.cpp.
+// No include guard on purpose: metrics.cpp compiles this file once per instruction set through
+// isa_copies.h; Moments comes from metrics.cpp.
 
 // Y = 16 + 65.481 R + 128.553 G + 24.966 B with R, G, B = samples / 255 (ITU-R BT.601).
 void y_row(const double* src, int64_t width, int64_t col_stride, int64_t channel_stride, double* dst) {

@@ -7,7 +7,7 @@
 //            transposed, flipped weights) and their pointwise tails in one pass.
 // wgrad:     the weight and bias gradients of a 3x3 convolution.
 // The convolution kernels are in spab_kernel.h, compiled once per instruction set of
-// cpu_features.h and chosen at run time; the build needs no -march flag.
+// cpu_features.h by isa_copies.h and chosen at run time; the build needs no -march flag.
 // Tensors arrive as TensorArgs (tensor_view.h: address, dtype, shape, strides; pybind11 only, no
 // torch headers); weights arrive pre-packed by `pack` for the ISA that runs (dsclora_kernels/spab.py
 // caches them).
@@ -17,10 +17,12 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_features.h"
@@ -129,50 +131,8 @@ inline void store_row(const float* src, int64_t L, int C, const View& v, int n, 
   }
 }
 
-namespace generic {
-using V = Generic;
-#define SPAB_TARGET
-#include "spab_kernel.h"
-#undef SPAB_TARGET
-}  // namespace generic
-
-#ifdef DSCLORA_X86
-namespace avx2 {
-using V = Avx2;
-#define SPAB_TARGET DSCLORA_TARGET(DSCLORA_AVX2_FEATURES)
-#include "spab_kernel.h"
-#undef SPAB_TARGET
-}  // namespace avx2
-
-// GCC 12's AVX-512 intrinsics (min, max, round, reduce, ...) pass _mm512_undefined_ps() as the
-// masked-off source and trip false -W(maybe-)uninitialized warnings (GCC bug 105593).
-#if !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-namespace avx512 {
-using V = Avx512;
-#define SPAB_TARGET DSCLORA_TARGET(DSCLORA_AVX512_FEATURES)
-#include "spab_kernel.h"
-#undef SPAB_TARGET
-}  // namespace avx512
-#if !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-#endif  // DSCLORA_X86
-
-using cpu::Isa;
-
-int vector_width(Isa isa) {
-  switch (isa) {
-#ifdef DSCLORA_X86
-    case Isa::avx512: return Avx512::width;
-    case Isa::avx2: return Avx2::width;
-#endif
-    default: return Generic::width;
-  }
-}
+#define DSCLORA_ISA_BODY "spab_kernel.h"
+#include "isa_copies.h"
 
 // A thread's SPAB scratch should stay within ~384 KiB of L2: strips of at most 256 columns at
 // C = 26, ~128 at C = 52. Bands give every thread about two items, at least 8 rows each.
@@ -244,28 +204,16 @@ void set_weights(Problem& pb, const Weights& weights, int64_t C) {
 template <class P>
 void solve(P& pb, const Shape& shape, int threads, const std::string& isa_name, int strip_width, int band_height) {
   pb.B = int(shape[0]), pb.C = int(shape[1]), pb.H = int(shape[2]), pb.W = int(shape[3]);
-  const Isa isa = cpu::resolve(isa_name, "spab");
-  const Tiling tl = make_tiling(pb.B, pb.C, pb.H, pb.W, threads, vector_width(isa), strip_width, band_height);
-  switch (isa) {
-#ifdef DSCLORA_X86
-    case Isa::avx512: return avx512::run(pb, tl, threads);
-    case Isa::avx2: return avx2::run(pb, tl, threads);
-#endif
-    default: return generic::run(pb, tl, threads);
-  }
+  const cpu::Isa isa = cpu::resolve(isa_name, "spab");
+  const Tiling tl = make_tiling(pb.B, pb.C, pb.H, pb.W, threads, DSCLORA_ISA_CALL(isa, VW), strip_width, band_height);
+  DSCLORA_ISA_CALL(isa, run(pb, tl, threads));
 }
 
 void pack(const TensorArg& w, const TensorArg& packed, const std::string& isa_name) {
   const int64_t C = dsclora::view<float, 4>(w, "spab: w").shape[0];
   const float* src = contiguous(w, Shape{C, C, 3, 3}, "w");
   float* dst = vector(packed, packed_floats(C), "packed");
-  switch (cpu::resolve(isa_name, "spab")) {
-#ifdef DSCLORA_X86
-    case Isa::avx512: return avx512::pack_conv(int(C), src, dst);
-    case Isa::avx2: return avx2::pack_conv(int(C), src, dst);
-#endif
-    default: return generic::pack_conv(int(C), src, dst);
-  }
+  DSCLORA_ISA_CALL(cpu::resolve(isa_name, "spab"), pack_conv(int(C), src, dst));
 }
 
 void forward(const TensorArg& x, const TensorArg& out, const TensorArg& h1, const Weights& weights, int threads,

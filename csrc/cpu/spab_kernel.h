@@ -2,10 +2,8 @@
 //   h1 = silu(conv(x, w1)); h2 = silu(conv(h1, w2)); o3 = conv(h2, w3);
 //   out = (o3 + x) * (sigmoid(o3) - 0.5)
 //
-// spab.cpp includes this file once per ISA, inside a namespace that defines `V` (a vector
-// traits struct of spab_simd.h) and the function attribute SPAB_TARGET (that ISA's target, on
-// the vector code only: the row bookkeeping stays baseline code, faster on short rows); the
-// shared types (View, Problem, Tiling, block_size) come from spab.cpp.
+// spab.cpp compiles this file once per ISA through isa_copies.h; the vector code uses that ISA's
+// traits V (spab_simd.h), the shared types (View, Problem, Tiling, block_size) come from spab.cpp.
 //
 // Layout and schedule. A work item is one image n, a band of output rows [r0, r1) and a strip
 // of output columns [c0, c1). Inside an item every tensor row lives in a planar scratch row
@@ -18,6 +16,7 @@
 // backward's ConvStep uses the direct 3x3 tiles. Rows and columns outside the image are zero
 // in every ring (the zero padding of each convolution).
 
+using V = Simd<kIsa>;
 using reg = typename V::reg;
 constexpr int VW = V::width;
 
@@ -30,8 +29,8 @@ constexpr int VW = V::width;
 // with the weights packed by pack_weights: the block's [ci][tap][k] at wp + co0 * 3 * ROWS * C;
 // bias nullptr: zero.
 template <int CB, int NW, int ROWS>
-SPAB_TARGET void conv_tile(const float* const* in, int64_t L, int C, const float* wp,
-                           const float* bias, int co0, int x0, float* out) {
+void conv_tile(const float* const* in, int64_t L, int C, const float* wp,
+               const float* bias, int co0, int x0, float* out) {
   reg acc[CB][NW];
   DSCLORA_UNROLL(32) for (int k = 0; k < CB; ++k) {
     const reg b = V::set1(bias ? bias[co0 + k] : 0.0f);
@@ -60,8 +59,8 @@ SPAB_TARGET void conv_tile(const float* const* in, int64_t L, int C, const float
 
 // A tile of nw <= NW pixel vectors.
 template <int CB, int NW, int ROWS>
-SPAB_TARGET void conv_tile_n(int nw, const float* const* in, int64_t L, int C, const float* wp,
-                             const float* bias, int co0, int x0, float* out) {
+void conv_tile_n(int nw, const float* const* in, int64_t L, int C, const float* wp,
+                 const float* bias, int co0, int x0, float* out) {
   if constexpr (NW > 1) {
     if (nw < NW) return conv_tile_n<CB, NW - 1, ROWS>(nw, in, L, C, wp, bias, co0, x0, out);
   }
@@ -71,8 +70,8 @@ SPAB_TARGET void conv_tile_n(int nw, const float* const* in, int64_t L, int C, c
 // All nvec pixel vectors of a row in the fewest tiles, of balanced sizes (33 vectors with
 // NW = 4: six tiles of 4 and three of 3, not eight of 4 and an inefficient one of 1).
 template <int CB, int ROWS>
-SPAB_TARGET void conv_block_row(const float* const* in, int64_t L, int C, const float* wp,
-                                const float* bias, int co0, int x0, int nvec, float* out) {
+void conv_block_row(const float* const* in, int64_t L, int C, const float* wp,
+                    const float* bias, int co0, int x0, int nvec, float* out) {
   constexpr int NW = V::acc_regs / CB;
   const int tiles = (nvec + NW - 1) / NW, base = nvec / tiles, larger = nvec % tiles;
   for (int t = 0, j = 0; t < tiles; ++t) {
@@ -85,8 +84,8 @@ SPAB_TARGET void conv_block_row(const float* const* in, int64_t L, int C, const 
 // One output row: nvec pixel vectors from buffer column x0, all C output channels, of the
 // ROWS x 3 convolution with weights wp (packed by pack_weights) and bias (nullptr: zero).
 template <int ROWS>
-SPAB_TARGET void conv_row(const float* const* in, int64_t L, int C, const float* wp, const float* bias, int x0,
-                          int nvec, float* out) {
+void conv_row(const float* const* in, int64_t L, int C, const float* wp, const float* bias, int x0,
+              int nvec, float* out) {
   for (int co0 = 0; co0 < C;) {
     const int cb = block_size(C - co0, V::max_block);
     if (cb == 4) {
@@ -146,7 +145,7 @@ void pack_conv(int C, const float* w, float* packed) {
 // dst[c][j] = sum_i BT[K][i] rows[i][c][j], elementwise on buffer columns [x0, x0 + nvec*VW) of all C
 // (K a constant: the zero and +-1 coefficients fold away).
 template <int K>
-SPAB_TARGET void transform_in(const float* const* rows, int64_t L, int C, int x0, int nvec, float* dst) {
+void transform_in(const float* const* rows, int64_t L, int C, int x0, int nvec, float* dst) {
   for (int c = 0; c < C; ++c) {
     const int64_t base = c * L + x0;
     for (int j = 0; j < nvec; ++j) {
@@ -161,8 +160,8 @@ SPAB_TARGET void transform_in(const float* const* rows, int64_t L, int C, int x0
 
 // out[r] = bias + sum_k AT[r][k] m[k] for the M output rows, on [x0, x0 + nvec*VW) of all C;
 // out[r] may be m[r] (every m is read before a row is written).
-SPAB_TARGET void transform_out(float* const* m, const float* bias, int64_t L, int C, int x0, int nvec,
-                               float* const* out) {
+void transform_out(float* const* m, const float* bias, int64_t L, int C, int x0, int nvec,
+                   float* const* out) {
   for (int c = 0; c < C; ++c) {
     const reg b = V::set1(bias[c]);
     for (int j = 0; j < nvec; ++j) {
@@ -181,8 +180,8 @@ SPAB_TARGET void transform_out(float* const* m, const float* bias, int64_t L, in
 
 // m[k] = conv1x3(u_k, G_k w) for k = K .. N-1, u_k made from in[0 .. M+2) in the one row u.
 template <int K = 0>
-SPAB_TARGET void winograd_products(const float* const* in, int64_t L, int C, const ConvWeights& w, int x0,
-                                   int nvec, float* u, float* const* m) {
+void winograd_products(const float* const* in, int64_t L, int C, const ConvWeights& w, int x0,
+                       int nvec, float* u, float* const* m) {
   const float* u_rows[1] = {u};
   transform_in<K>(in, L, C, x0 - 1, nvec + 1, u);  // the 1x3 taps read one column either side
   conv_row<1>(u_rows, L, C, w.winograd + int64_t(K) * C * C * 3, nullptr, x0, nvec, m[K]);
@@ -191,8 +190,8 @@ SPAB_TARGET void winograd_products(const float* const* in, int64_t L, int C, con
 
 // The 3x3 convolution of M output rows from in[0 .. M+2) (rows y0-1 .. y0+M) on buffer columns
 // [x0, x0 + nvec*VW): out[r] = row y0 + r; scratch u (1 row) and m (N rows) of C x L floats.
-SPAB_TARGET void conv_rows_winograd(const float* const* in, int64_t L, int C, const ConvWeights& w, int x0,
-                                    int nvec, float* u, float* const* m, float* const* out) {
+void conv_rows_winograd(const float* const* in, int64_t L, int C, const ConvWeights& w, int x0,
+                        int nvec, float* u, float* const* m, float* const* out) {
   winograd_products(in, L, C, w, x0, nvec, u, m);
   transform_out(m, w.bias, L, C, x0, nvec, out);
 }
@@ -201,7 +200,7 @@ SPAB_TARGET void conv_rows_winograd(const float* const* in, int64_t L, int C, co
 
 // exp(x), relative error ~1e-7: x = n ln2 + r, |r| <= ln2/2, exp(r) by the Cephes expf
 // polynomial (S. Moshier, Cephes Math Library), 2^n through the exponent bits.
-SPAB_TARGET inline reg vexp(reg x) {
+inline reg vexp(reg x) {
   x = V::min(V::max(x, V::set1(-87.3f)), V::set1(88.3f));
   const reg n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
   reg r = V::fmadd(n, V::set1(-0.693359375f), x);
@@ -216,7 +215,7 @@ SPAB_TARGET inline reg vexp(reg x) {
   return V::mul(p, V::pow2i(n));
 }
 
-SPAB_TARGET inline reg vsigmoid(reg x) {
+inline reg vsigmoid(reg x) {
   const reg one = V::set1(1.0f);
   return V::div(one, V::add(one, vexp(V::sub(V::set1(0.0f), x))));
 }
@@ -226,7 +225,7 @@ struct SiluOp {  // h = silu(a); with d: d = silu'(a) = s (1 + a (1 - s)), writt
   float* a;
   float* h;
   bool grad;
-  SPAB_TARGET void operator()(int64_t i) const {
+  void operator()(int64_t i) const {
     const reg av = V::load(a + i), s = vsigmoid(av);
     V::store(h + i, V::mul(av, s));
     if (grad) {
@@ -239,7 +238,7 @@ struct SiluOp {  // h = silu(a); with d: d = silu'(a) = s (1 + a (1 - s)), writt
 struct AttentionOp {  // out = (o3 + x) * (sigmoid(o3) - 0.5), written over o3
   float* o3;
   const float* x;
-  SPAB_TARGET void operator()(int64_t i) const {
+  void operator()(int64_t i) const {
     const reg o = V::load(o3 + i), s = vsigmoid(o);
     V::store(o3 + i, V::mul(V::add(o, V::load(x + i)), V::sub(s, V::set1(0.5f))));
   }
@@ -251,7 +250,7 @@ struct AttentionGradOp {
   float* o3;
   const float* x;
   float* g;
-  SPAB_TARGET void operator()(int64_t i) const {
+  void operator()(int64_t i) const {
     const reg o = V::load(o3 + i), s = vsigmoid(o), gv = V::load(g + i);
     const reg e = V::sub(s, V::set1(0.5f));
     const reg ds = V::mul(s, V::sub(V::set1(1.0f), s));
@@ -264,7 +263,7 @@ struct EpilogueOp {  // acc = (acc + add) * mul; add and mul optional (nullptr)
   float* acc;
   const float* add;
   const float* mul;
-  SPAB_TARGET void operator()(int64_t i) const {
+  void operator()(int64_t i) const {
     reg v = V::load(acc + i);
     if (add) v = V::add(v, V::load(add + i));
     if (mul) v = V::mul(v, V::load(mul + i));
@@ -273,7 +272,7 @@ struct EpilogueOp {  // acc = (acc + add) * mul; add and mul optional (nullptr)
 };
 
 template <class Op>
-SPAB_TARGET void rowwise(int C, int64_t L, int x0, int nvec, const Op& op) {
+void rowwise(int C, int64_t L, int x0, int nvec, const Op& op) {
   for (int c = 0; c < C; ++c)
     for (int j = 0; j < nvec; ++j) op(c * L + x0 + j * VW);
 }
@@ -426,8 +425,8 @@ void run_conv_item(const ConvStep& st, const Tiling& tl, float* mem, int n, int 
 // (dy - 1, dx - 1), for co in [co0, co0 + CB): g rows [rows][C][L] hold the item's output
 // pixels from column OFF, in rows [rows + 2][C][L] the input from one row above.
 template <int CB>
-SPAB_TARGET void wgrad_tile(const float* g, const float* in, int64_t L, int C, int rows, int nvec,
-                            int co0, int ci, int dy, double* dw) {
+void wgrad_tile(const float* g, const float* in, int64_t L, int C, int rows, int nvec,
+                int co0, int ci, int dy, double* dw) {
   reg acc[CB][3];
   DSCLORA_UNROLL(32) for (int k = 0; k < CB; ++k) {
     DSCLORA_UNROLL(32) for (int dx = 0; dx < 3; ++dx) acc[k][dx] = V::set1(0.0f);

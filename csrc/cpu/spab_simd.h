@@ -1,7 +1,6 @@
-// SIMD vector traits for the SPAB kernel: one struct per instruction set, same interface.
-//
-// spab.cpp compiles csrc/spab_kernel.h once per struct and picks one at run time; the members of
-// the x86 structs are compiled for their instruction set (a target region of cpu_features.h).
+// SIMD vector traits of the SPAB kernel, Simd<isa>: one specialisation per instruction set of
+// cpu_features.h, same interface; each copy of spab_kernel.h (isa_copies.h) uses its own. The
+// members of the x86 ones are compiled for their instruction set (a target region).
 // A register tile of the convolution holds up to `acc_regs` accumulators of up to
 // `max_block` output channels, plus max_block broadcast weights and one input vector
 // (12 + 3 + 1 = 16 ymm or xmm; 24 + 4 + 1 of 32 zmm or NEON registers).
@@ -25,8 +24,11 @@ namespace simd {
 #include "simd_vector.h"
 }  // namespace simd
 
+template <cpu::Isa> struct Simd;
+
 // Every CPU: 16-byte vectors (SSE2 on x86-64, NEON on ARM, plain C++ without vector extensions).
-struct Generic {
+template <>
+struct Simd<cpu::Isa::generic> {
   using reg = simd::Vector<float, 16>;
   static constexpr int width = 4;
 #ifdef __aarch64__  // 32 vector registers
@@ -71,7 +73,8 @@ struct Generic {
 
 #ifdef DSCLORA_X86
 DSCLORA_TARGET_PUSH(DSCLORA_AVX2_FEATURES)
-struct Avx2 {
+template <>
+struct Simd<cpu::Isa::avx2> {
   using reg = __m256;
   static constexpr int width = 8;
   static constexpr int acc_regs = 12;
@@ -102,7 +105,8 @@ struct Avx2 {
 DSCLORA_TARGET_POP
 
 DSCLORA_TARGET_PUSH(DSCLORA_AVX512_FEATURES)
-struct Avx512 {
+template <>
+struct Simd<cpu::Isa::avx512> {
   using reg = __m512;
   static constexpr int width = 16;
   static constexpr int acc_regs = 24;
