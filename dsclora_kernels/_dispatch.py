@@ -11,13 +11,15 @@ A backend is a module of that package with
 
 `Registry.choose` takes the first backend that is available and supports the arguments, and
 logs once why each one before it was skipped (``dsclora info`` shows it). Adding a backend is
-one module and one list entry. ``use_backend(name)`` forces one, e.g. Triton on CPU tensors
+one module and one list entry; a backend whose import is costly (Triton's, ~0.3 s) is listed as a
+`LazyBackend`, imported when first chosen. ``use_backend(name)`` forces one, e.g. Triton on CPU tensors
 under ``TRITON_INTERPRET=1`` (how CI tests the GPU kernels): it raises if that backend cannot
 run here, and falls back (logged) to the reference for arguments it does not support.
 """
 import contextlib
+import importlib
 from types import ModuleType
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -39,6 +41,17 @@ def use_backend(name: str):
         yield
     finally:
         _forced.pop()
+
+
+class LazyBackend:
+    """Backend module ``module`` imported on first use: ``NAME`` and ``status`` (the module's
+    own, given here) answer without importing it; any other attribute imports it."""
+
+    def __init__(self, module: str, name: str, status: Callable[[torch.device], str]):
+        self._module, self.NAME, self.status = module, name, status
+
+    def __getattr__(self, attribute: str):
+        return getattr(importlib.import_module(self._module), attribute)
 
 
 class Registry:

@@ -10,7 +10,7 @@ def extensions() -> tuple[str, ...]:
     """The compiled CPU modules the ops use (``csrc/cpu/<name>.cpp`` -> ``dsclora_kernels._<name>``),
     as their registered "cpp" backends name them."""
     names = {backend.EXTENSION for registry in _dispatch.REGISTRIES
-             for backends in registry.by_device.values() for backend in backends if hasattr(backend, "EXTENSION")}
+             for backends in registry.by_device.values() for backend in backends if backend.NAME == "cpp"}
     return tuple(sorted(names))
 
 

@@ -308,3 +308,16 @@ def test_an_exception_on_a_worker_thread_becomes_a_python_error(fail_at):
     with pytest.raises(RuntimeError, match=f"parallel_for test: item {fail_at} failed"):
         ext._test_parallel_for_failure(100, 4, fail_at)
     assert ext._test_parallel_for_failure(100, 4, -1) == 100  # and without a failure every item runs
+
+
+def test_cpu_inference_does_not_import_triton():
+    """The Triton backends are imported when first chosen: importing the kernels and the CPU
+    inference path (spab_forward) never pay Triton's import (~0.3 s of every CLI start). (The
+    custom ops' first call imports torch._dynamo, which imports Triton itself.)"""
+    code = ("import sys, torch, dsclora_kernels\n"
+            "x = torch.rand(1, 4, 6, 6)\n"
+            "dsclora_kernels.spab_forward(x, *[torch.rand(4, 4, 3, 3), torch.rand(4)] * 3)\n"
+            "assert 'triton' not in sys.modules, 'triton imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]

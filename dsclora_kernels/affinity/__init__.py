@@ -20,15 +20,16 @@ the backward only scales them by grad_output. p = 2 reduces to C x C Gram matric
 """
 import torch
 
-from .. import _dispatch
-from . import cpu, reference, triton
+from .. import _dispatch, triton_support
+from . import cpu, reference
 from .prepare import compute_dtype, input_gradient, normalise
 from .reference import REDUCTIONS
 from .squared import squared_affinity_loss
 
 OP = "spatial_affinity_loss"
 #: Backends per device type, fastest first (the reference ends every list).
-BACKENDS = _dispatch.Registry(OP, reference, cuda=(triton,), cpu=(cpu,))
+BACKENDS = _dispatch.Registry(OP, reference, cpu=(cpu,),
+                             cuda=(_dispatch.LazyBackend(f"{__name__}.triton", "triton", triton_support.status),))
 PRECISIONS = ("ieee", "tf32x3", "tf32")  # tl.dot input precisions; the C++ kernel is always exact fp32
 #: Tensor cores with exact signs (affinity.triton): the loss within ~1e-7 and the gradient within
 #: ~1e-6 of float64 (the fp32 level), ≈ 3x one TF32 product's time.

@@ -14,12 +14,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch
-from . import cpu, reference, triton
+from .. import _dispatch, triton_support
+from . import cpu, reference
 from .reference import WEIGHT_NAMES, spab_reference
 
 #: Backends per device type, fastest first (the reference ends every list).
-BACKENDS = _dispatch.Registry("spab", reference, cuda=(triton,), cpu=(cpu,))
+BACKENDS = _dispatch.Registry("spab", reference, cpu=(cpu,),
+                             cuda=(_dispatch.LazyBackend(f"{__name__}.triton", "triton", triton_support.status),))
 
 
 def _check(x: Tensor, weights: tuple[Tensor, ...]) -> None:
