@@ -365,10 +365,11 @@ void run_item(const Problem& pb, const Tiling& tl, float* mem, int n, int r0, in
   const int first = floor_div(-2, M), last_h1 = floor_div(r1 + 1 - r0, M), last_h2 = floor_div(r1 - r0, M),
             last_o3 = floor_div(r1 - 1 - r0, M);
   int next_x = r0 + first * M - 1;
+  // Groups wholly outside the image skip their convolution (silu_group zeroes such rows).
+  const auto inside = [&](int y0) { return y0 + M > 0 && y0 < H; };
   for (int i = first; i <= last_o3 + 2; ++i) {
     const int y1 = r0 + i * M, y2 = y1 - M, y3 = y2 - M;  // first rows of the h1, h2, o3 groups
     for (; next_x <= y1 + M; ++next_x) load_x(next_x);  // h1's input; o3's residual rows stay
-    const auto inside = [&](int y0) { return y0 + M > 0 && y0 < H; };  // a row of the group is
     if (i <= last_h1) {
       if (inside(y1)) conv_group(s.x, Scratch::X_RING, y1, pb.conv[0], x1, n1);
       silu_group(s.h1, y1, x1, n1, &pb.h1, &pb.d1);
