@@ -96,6 +96,21 @@ def test_cpp_tilings_give_the_same_result(strip_width, band_height, threads):
 
 @needs_cpp
 @pytest.mark.parametrize("strip_width,band_height,threads", TILINGS)
+def test_cpp_recompute_under_any_tiling(strip_width, band_height, threads):
+    """The backward's recompute (the forward's row groups, odd bands included) under every tiling."""
+    x, weights = block_inputs(2, 26, 11, 29)
+    g_out = torch.randn_like(x)
+    isa, packed = spab_cpu.packed_weights(weights)
+    outputs = tuple(torch.empty_like(x) for _ in range(6))
+    arg = spab_cpu.arg
+    _native.call("spab", "recompute", arg(x, "x"), arg(g_out, "g_out"), [arg(t, "out") for t in outputs], packed,
+                 threads=threads, isa=isa, strip_width=strip_width, band_height=band_height)
+    expected = spab_ref.spab_recompute_reference(x.double(), g_out.double(), *(w.double() for w in weights))
+    assert max_error(outputs, expected) <= 1e-4
+
+
+@needs_cpp
+@pytest.mark.parametrize("strip_width,band_height,threads", TILINGS)
 def test_cpp_backward_steps_under_any_tiling(strip_width, band_height, threads):
     """The backward's C++ steps: (conv(in, w) + add) * mul and the weight gradient."""
     arg, tiling = spab_cpu.arg, dict(strip_width=strip_width, band_height=band_height)
