@@ -54,19 +54,23 @@ class LazyBackend:
         return getattr(importlib.import_module(self._module), attribute)
 
 
+#: A backend: its module, or a LazyBackend standing for it.
+Backend = ModuleType | LazyBackend
+
+
 class Registry:
     """The backends of op ``op`` per device type (``by_device``: fastest first, without the
     reference, which every list ends with)."""
 
-    def __init__(self, op: str, reference: ModuleType, **by_device: Sequence[ModuleType]):
+    def __init__(self, op: str, reference: ModuleType, **by_device: Sequence[Backend]):
         self.op, self.reference = op, reference
         self.by_device = {device: (*backends, reference) for device, backends in by_device.items()}
         REGISTRIES.append(self)
 
-    def candidates(self, device: torch.device) -> tuple[ModuleType, ...]:
+    def candidates(self, device: torch.device) -> tuple[Backend, ...]:
         return self.by_device.get(device.type, (self.reference,))
 
-    def choose(self, device: torch.device, *args) -> ModuleType:
+    def choose(self, device: torch.device, *args) -> Backend:
         """The backend that runs the op on ``args`` (tensors on ``device``)."""
         if _forced:
             return self._forced(_forced[-1], device, args)
@@ -84,7 +88,7 @@ class Registry:
             fallback(f"{self.op}:{backend.NAME}:{key}", reason)
         raise AssertionError(f"{self.op}: the reference backend refused {device}")  # it never does
 
-    def _forced(self, name: str, device: torch.device, args: tuple) -> ModuleType:
+    def _forced(self, name: str, device: torch.device, args: tuple) -> Backend:
         backend = next((b for backends in self.by_device.values() for b in backends if b.NAME == name), None)
         if backend is None:
             fallback(f"{self.op}:{name}", f"{self.op} has no {name} backend; using the reference")
