@@ -344,8 +344,8 @@ void run_item(const Problem& pb, const Tiling& tl, float* mem, int n, int r0, in
     for (int i = 0; i < M + 2; ++i) in[i] = rows[ring(y0 - 1 + i, ring_size)];
     conv_rows_winograd(in, L, C, w, x0, nvec, s.u, s.m, s.m);
   };
-  // h = silu(a) of group y0 into the ring `h` (rows outside the image zero); core rows stored
-  // (h and, in recompute, silu'(a) to d, when given).
+  // h = silu(a) of group y0 into the ring `h` (rows outside the image zero); core rows stored to
+  // h_out and, with silu'(a), to d_out, each when given.
   const auto silu_group = [&](float* const* h, int y0, int x0, int nvec, const View* h_out, const View* d_out) {
     for (int r = 0; r < M; ++r) {
       const int y = y0 + r;
@@ -355,10 +355,10 @@ void run_item(const Problem& pb, const Tiling& tl, float* mem, int n, int r0, in
         continue;
       }
       const bool core = y >= r0 && y < r1;
-      rowwise(C, L, x0, nvec, SiluOp{s.m[r], row, pb.recompute && core});
+      rowwise(C, L, x0, nvec, SiluOp{s.m[r], row, d_out && core});
       clear_outside(row, x0, nvec);
       if (core && h_out) store_core(*h_out, row, y);
-      if (core && d_out && pb.recompute) store_core(*d_out, s.m[r], y);
+      if (core && d_out) store_core(*d_out, s.m[r], y);
     }
   };
 
@@ -372,11 +372,11 @@ void run_item(const Problem& pb, const Tiling& tl, float* mem, int n, int r0, in
     for (; next_x <= y1 + M; ++next_x) load_x(next_x);  // h1's input; o3's residual rows stay
     if (i <= last_h1) {
       if (inside(y1)) conv_group(s.x, Scratch::X_RING, y1, pb.conv[0], x1, n1);
-      silu_group(s.h1, y1, x1, n1, &pb.h1, &pb.d1);
+      silu_group(s.h1, y1, x1, n1, &pb.h1, pb.recompute ? &pb.d1 : nullptr);
     }
     if (i - 1 >= first && i - 1 <= last_h2) {
       if (inside(y2)) conv_group(s.h1, Scratch::H_RING, y2, pb.conv[1], x2, n2);
-      silu_group(s.h2, y2, x2, n2, pb.recompute ? &pb.h2 : nullptr, &pb.d2);
+      silu_group(s.h2, y2, x2, n2, pb.recompute ? &pb.h2 : nullptr, pb.recompute ? &pb.d2 : nullptr);
     }
     if (i - 2 < 0 || i - 2 > last_o3) continue;
     conv_group(s.h2, Scratch::H_RING, y3, pb.conv[2], x3, n3);
