@@ -5,7 +5,8 @@ backends per device type, fastest first, its reference last (and alone on any ot
 A backend is a module of that package with
 
 * ``NAME``: ``"cpp"``, ``"triton"``, ``"reference"`` (what ``use_backend`` names);
-* ``status(device) -> str``: ``"available"`` or why it cannot run on ``device`` here;
+* ``status(device) -> str``: ``"available"`` or why it cannot run on ``device`` here (for a
+  `LazyBackend`, given with its entry);
 * ``unsupported(*args) -> (key, reason) | None``: why it cannot take these arguments;
 * the op's entry points (the same names in every backend of one op).
 

@@ -224,9 +224,8 @@ def affinity_l1_triton(xs, xt, grad_s: bool, grad_t: bool, precision: str, tie_b
 
 
 # ---- the "triton" backend of the affinity loss ----
-
-def status(device: torch.device) -> str:
-    return triton_support.status(device)
+# (listed as a _dispatch.LazyBackend whose status is triton_support.status: this module is
+# imported only once the registry chooses it)
 
 
 def unsupported(*features: torch.Tensor) -> None:

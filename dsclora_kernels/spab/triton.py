@@ -294,9 +294,8 @@ def _launch(x, packed, outputs, g_out=None):
 
 
 # ---- the "triton" backend of spab ----
-
-def status(device: torch.device) -> str:
-    return triton_support.status(device)
+# (listed as a _dispatch.LazyBackend whose status is triton_support.status: this module is
+# imported only once the registry chooses it)
 
 
 def unsupported(x: Tensor) -> Optional[tuple[str, str]]:
