@@ -66,6 +66,7 @@ def test_fused_network_equals_reference_float64(cc, scale, form):
         for memory_format in (torch.channels_last, torch.contiguous_format):
             got = exact_network(merged, memory_format)(x)
             assert got.shape == expected.shape
+            assert got.is_contiguous(memory_format=memory_format)  # the shuffle writes the caller's format
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-12, msg=f"{shape} {memory_format}")
 
 
