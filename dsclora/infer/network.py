@@ -72,9 +72,11 @@ def pixel_shuffle(y: torch.Tensor, s: int, memory_format=torch.channels_last) ->
     b, _, h, w = y.shape
     if memory_format == torch.channels_last:
         pixels = y.permute(0, 2, 3, 1).reshape(b, h, w, s, s, -1)  # (b, h, w, i, j, c)
-        return pixels.permute(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, -1).permute(0, 3, 1, 2)
-    planes = y.reshape(b, s, s, -1, h, w)  # (b, i, j, c, h, w)
-    return planes.permute(0, 3, 4, 1, 5, 2).reshape(b, -1, h * s, w * s)
+        out = pixels.permute(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, -1).permute(0, 3, 1, 2)
+    else:
+        planes = y.reshape(b, s, s, -1, h, w)  # (b, i, j, c, h, w)
+        out = planes.permute(0, 3, 4, 1, 5, 2).reshape(b, -1, h * s, w * s)
+    return out.contiguous(memory_format=memory_format)  # a no-op unless reshape returned a view (1x1 input)
 
 
 def _pixels(t: torch.Tensor) -> torch.Tensor:
