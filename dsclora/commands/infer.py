@@ -5,6 +5,8 @@ PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 def add_arguments(parser) -> None:
+    from dsclora.infer.encode import DEFAULT_PNG_LEVEL
+
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="image files, folders or glob patterns; video files (.mp4 .mkv .mov .webm .avi)")
     parser.add_argument("-i", "--input", dest="more_inputs", action="append", default=[], metavar="INPUT",
@@ -31,8 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--suffix", default="", help="appended to each output file's stem")
     parser.add_argument("--ext", help="output format, e.g. png, jpg, webp (default: the input's)")
     parser.add_argument("--png-level", type=int, choices=range(10), metavar="0-9",
-                        help="zlib level of PNG outputs (default: dsclora.infer.encode.DEFAULT_PNG_LEVEL, "
-                             "chosen from the size/speed table in bench/RESULTS.md; 9: smallest, slowest)")
+                        help=f"zlib level of PNG outputs (default: {DEFAULT_PNG_LEVEL}, chosen from the "
+                             "size/speed table in bench/RESULTS.md; 9: smallest, slowest)")
     parser.add_argument("--quality", type=int, choices=range(1, 101), metavar="1-100",
                         help="JPEG/WebP quality (default: Pillow's, 75)")
     parser.add_argument("--batch", type=int, metavar="B",
