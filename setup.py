@@ -66,24 +66,42 @@ def cpu_extensions():
     return exts
 
 
+def module_name(ext) -> str:
+    """The report's key of an extension: "spab" for dsclora_kernels._spab."""
+    return ext.name.rsplit("._", 1)[-1]
+
+
 class OptionalBuildExt(build_ext):
     """build_ext that never fails the install: an extension that does not build is skipped,
     with the reason in BUILD_REPORT."""
+
+    def run(self):
+        self.report = {}
+        super().run()  # builds into build_lib, then with --inplace copies the modules to the sources
+        if self.extensions:  # next to the modules: build_lib, or the sources with --inplace
+            path = Path(self.get_ext_fullpath(self.extensions[0].name)).parent / BUILD_REPORT
+            earlier = json.loads(path.read_text()) if ONLY and path.is_file() else {}  # a partial rebuild
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(earlier | self.report, indent=1) + "\n")
+
+    def copy_extensions_to_source(self):
+        """--inplace: copy the modules that built (a skipped one has no file to copy)."""
+        every = self.extensions
+        self.extensions = [ext for ext in every if self.report.get(module_name(ext)) == "built"]
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = every
 
     def build_extensions(self):
         compile_flags, link_flags = FLAGS.get(self.compiler.compiler_type, FLAGS["unix"])
         for ext in self.extensions:
             ext.extra_compile_args += compile_flags
             ext.extra_link_args += link_flags
-        self.report = {}
         super().build_extensions()
-        if self.extensions:
-            path = Path(self.get_ext_fullpath(self.extensions[0].name)).parent / BUILD_REPORT
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.report, indent=1) + "\n")
 
     def build_extension(self, ext):
-        name = ext.name.rsplit("._", 1)[-1]
+        name = module_name(ext)
         if getattr(ext, "not_built", None):
             self.report[name] = ext.not_built
             self.warn(f"dsclora_kernels._{name} was not built, its ops will run the PyTorch reference: {ext.not_built}")

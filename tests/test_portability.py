@@ -113,6 +113,30 @@ def test_missing_pybind11_does_not_fail_the_install(tmp_path):
     assert not list((tmp_path / "lib").rglob("_metrics*")) and not list((tmp_path / "lib").rglob("_spab*"))
 
 
+def test_inplace_build_reports_next_to_the_sources_and_survives_a_failed_module(tmp_path):
+    """``setup.py build_ext --inplace`` (a development build) in a copy of the project: a module
+    that fails to build does not fail the command (nothing to copy back), and the report lands
+    in the source package, where the modules are imported from."""
+    if not (ROOT / "setup.py").is_file():
+        pytest.skip("no setup.py next to the tests (an installed package only)")
+    pytest.importorskip("pybind11")
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    for package in ("dsclora", "dsclora_kernels"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").touch()
+    result = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tmp_path,
+        env={**os.environ, "CC": "false", "CXX": "false", "DSCLORA_EXTENSIONS": "metrics"},
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    outcomes = json.loads((tmp_path / "dsclora_kernels" / _extension.BUILD_REPORT.name).read_text())
+    assert list(outcomes) == ["metrics"] and "C++ build failed" in outcomes["metrics"]
+    assert not list((tmp_path / "dsclora_kernels").glob("_metrics*"))
+
+
 def test_extensions_are_the_cpu_sources():
     """EXTENSIONS (named by the ops' "cpp" backends) is what setup.py builds: csrc/cpu/*.cpp."""
     if not SOURCES:
