@@ -251,6 +251,16 @@ def test_array_kinds(small_upscaler):
         up(np.zeros((4, 4, 3), np.int8))
 
 
+def test_tensor_result_keeps_the_callers_memory_format(small_upscaler):
+    x = torch.rand(2, 4, 5, 7)  # RGBA: the colour and gray paths, concatenated
+    fast = small_upscaler.upscale_tensor(x, any_layout=True)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        got = small_upscaler(x.contiguous(memory_format=memory_format))
+        assert got.is_contiguous(memory_format=memory_format)
+        torch.testing.assert_close(got, fast, rtol=0, atol=0)
+    assert small_upscaler(x[0]).is_contiguous()  # (C, H, W)
+
+
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "I;16", "P"])
 def test_pil_images_keep_their_mode(small_upscaler, mode):
     rng = np.random.default_rng(1)

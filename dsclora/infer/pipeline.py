@@ -50,7 +50,7 @@ def resize_output(y: torch.Tensor, size: tuple[int, int], scale: int, out_scale:
 
 def upscale_batch(upscaler: Upscaler, x: torch.Tensor, out_scale: float | None = None):
     """(B, C, H, W) float in [0, 1] on any device -> (B, C, sH, sW) clamped, on the upscaler's device."""
-    y = upscaler.upscale_tensor(x.to(upscaler.device)).clamp_(0, 1)
+    y = upscaler.upscale_tensor(x.to(upscaler.device), any_layout=True).clamp_(0, 1)
     return resize_output(y, x.shape[-2:], upscaler.scale, out_scale)
 
 

@@ -68,12 +68,21 @@ class Upscaler:
             return self.upscale_pil(image)
         raise TypeError(f"expected a torch.Tensor, numpy array or PIL image, got {type(image).__name__}")
 
-    def upscale_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) or (C, H, W) float, C in 1..4 -> (B, C, sH, sW) on x's device, not clamped.
+    def upscale_tensor(self, x: torch.Tensor, any_layout: bool = False) -> torch.Tensor:
+        """(B, C, H, W) or (C, H, W) float, C in 1..4 -> (B, C, sH, sW) on x's device, not clamped,
+        in x's memory format; ``any_layout``: in the network's (channels_last on the fused path),
+        saving a copy for callers that convert the result anyway.
 
         Empty or non-finite (NaN, inf) input raises ValueError."""
         if x.dim() == 3:
-            return self.upscale_tensor(x[None])[0]
+            return self.upscale_tensor(x[None], any_layout)[0]
+        y = self._upscale_planes(x)
+        if any_layout:
+            return y
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    def _upscale_planes(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] not in (1, 2, 3, 4) or not x.is_floating_point():
             raise ValueError(f"expected a float tensor (B, C, H, W) with C in 1..4, got "
                              f"{x.dtype} {tuple(x.shape)}")
@@ -99,7 +108,7 @@ class Upscaler:
             raise ValueError(f"unsupported image dtype {image.dtype} (uint8, uint16 or float)")
         planes = image if image.ndim == 3 else image[:, :, None]
         x = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32)).permute(2, 0, 1)
-        y = self.upscale_tensor(x / peak if peak else x).clamp_(0, 1).permute(1, 2, 0)
+        y = self.upscale_tensor(x / peak if peak else x, any_layout=True).clamp_(0, 1).permute(1, 2, 0)
         y = y.reshape(y.shape[:2]) if image.ndim == 2 else y
         if peak:
             return (y * peak).round_().cpu().numpy().astype(image.dtype)
