@@ -3,8 +3,9 @@
 Prints, all measured in this run (interleaved rounds; the machine may be shared, so read the
 ratios, which are taken round by round, rather than the absolute times):
 
-1. PNG zlib level size/speed on upscaled 1080p outputs (the --png-level default comes from it);
-2. encoding threads: 1 vs N threads writing the same outputs (does Pillow release the GIL?);
+1. PNG zlib level size/speed on upscaled 1080p outputs, ours and Pillow's (the --png-level
+   default comes from it);
+2. encoding threads: 1 vs N threads writing the same outputs (do the encoders release the GIL?);
 3. folder target: 8 PNGs 480x270 -> 1920x1080 through ``upscale_files`` (decode, network,
    encode) vs the network alone on the decoded tensors: ratio <= 1.3x; plus the ``dsclora
    infer`` command's wall time in a fresh process (interpreter, torch import, model load);
@@ -33,7 +34,7 @@ import torch
 from PIL import Image
 
 from dsclora import timing
-from dsclora.data.io import load_image, save_samples
+from dsclora.data.io import PILLOW_PNG_FROM_LEVEL, load_image, save_samples
 from dsclora.infer import load
 from dsclora.infer.encode import EncodeOptions, quantize
 from dsclora.infer.pipeline import default_batch, upscale_batch, upscale_files
@@ -57,18 +58,36 @@ def make_inputs(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
     return paths
 
 
-def png_levels(outputs: list[np.ndarray], rounds: int) -> None:
-    """Size and encode time of each zlib level on the same upscaled outputs."""
-    print("\nPNG level   MB/image   s/image   (1080p outputs, one thread)")
+def png_levels(outputs: list[np.ndarray], folder: Path, rounds: int) -> None:
+    """Size and encode time of each zlib level on the same upscaled outputs: ``save_samples`` (what
+    ``dsclora infer`` writes with: ``png.encode_png`` below PILLOW_PNG_FROM_LEVEL, Pillow from it)
+    next to Pillow alone, interleaved."""
+    path = folder / "level.png"
+
+    def ours(samples: np.ndarray, level: int) -> int:
+        save_samples(path, samples, level)
+        return path.stat().st_size
+
+    def pillow(samples: np.ndarray, level: int) -> int:
+        buffer = io.BytesIO()
+        Image.fromarray(samples).save(buffer, format="PNG", compress_level=level)
+        return buffer.tell()
+
+    encoders = {"dsclora": ours, "Pillow": pillow}
+    print(f"\nPNG level   MB/image dsclora / Pillow   s/image dsclora / Pillow   speed-up   (1080p outputs, one "
+          f"thread; dsclora: encode_png below level {PILLOW_PNG_FROM_LEVEL}, Pillow from it)")
     for level in (0, 1, 2, 3, 4, 6, 9):
-        sizes, times = [], []
+        sizes, times = {name: [] for name in encoders}, {name: [] for name in encoders}
         for _ in range(rounds):
             for samples in outputs:
-                buffer = io.BytesIO()
-                times.append(timing.call_seconds(
-                    lambda: Image.fromarray(samples).save(buffer, format="PNG", compress_level=level)))
-                sizes.append(buffer.tell())
-        print(f"{level:>9}   {statistics.mean(sizes) / 1e6:8.2f}   {statistics.median(times):7.3f}")
+                for name, encode in encoders.items():
+                    size = []
+                    times[name].append(timing.call_seconds(lambda: size.append(encode(samples, level))))
+                    sizes[name].append(size[0])
+        mb = {name: statistics.mean(v) / 1e6 for name, v in sizes.items()}
+        sec = {name: statistics.median(v) for name, v in times.items()}
+        print(f"{level:>9}   {mb['dsclora']:8.2f} / {mb['Pillow']:<8.2f}   {sec['dsclora']:7.3f} / {sec['Pillow']:<7.3f}"
+              f"     {sec['Pillow'] / sec['dsclora']:5.2f}x")
 
 
 def encode_threads(outputs: list[np.ndarray], folder: Path, threads: int, rounds: int) -> None:
@@ -157,7 +176,7 @@ def main() -> None:
         if outputs is None:
             outputs = [quantize(upscale_batch(upscaler, torch.rand(1, 3, 270, 480))[0])]
         if "levels" not in args.skip:
-            png_levels(outputs, 1)
+            png_levels(outputs, tmp, 1)
         if "threads" not in args.skip:
             encode_threads(outputs, tmp / "out", args.threads, args.rounds)
         if "memory" not in args.skip:

@@ -12,10 +12,13 @@ import torch
 from PIL import Image
 
 from dsclora.atomic import atomic_path
+from dsclora.data import io as io_module
+from dsclora.data import png
 from dsclora.data import (
     ImageReadError, PairingError, image_to_tensor, imresize, list_images, load_image, mod_crop, pair_lr_files,
     save_image, tensor_to_image,
 )
+from dsclora.data.io import save_samples
 
 # ---------------------------------------------------------------------------- imresize
 
@@ -170,6 +173,61 @@ def test_load_16bit_png_all_filters(tmp_path, channels):
         np.testing.assert_array_equal(np.round(img.alpha.astype(np.float64) * 65535), samples[..., -1])
     else:
         assert img.alpha is None
+
+
+def png_filter_types(data: bytes, row_bytes: int) -> set[int]:
+    """The filter type bytes of a PNG file's scanlines (its IDAT chunks, decompressed)."""
+    stream, at = b"", 8
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        stream += data[at + 8:at + 8 + length] if kind == b"IDAT" else b""
+        at += 12 + length
+    raw = zlib.decompress(stream)
+    return set(raw[::row_bytes + 1])
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_encoder_writes_the_exact_samples(tmp_path, monkeypatch, channels, dtype):
+    """encode_png's files decode (Pillow, through load_image) to the samples written: every row
+    Up-filtered, rows split over many bands, any zlib level, odd sizes, 1x1."""
+    monkeypatch.setattr(png, "BAND_BYTES", 40)  # a few rows a band
+    rng, top = np.random.default_rng(channels), np.iinfo(dtype).max
+    path = tmp_path / "x.png"
+    for shape in [(1, 1), (5, 3), (23, 17)]:
+        noise = rng.integers(0, top + 1, (*shape, channels), dtype=np.int64)
+        smooth = np.cumsum(rng.integers(-3, 4, (*shape, channels)), axis=1) + top // 2  # filters matter
+        for samples in (noise.astype(dtype), np.clip(smooth, 0, top).astype(dtype)):
+            for level in (0, 1, 9):
+                data = png.encode_png(samples, level)
+                assert png_filter_types(data, shape[1] * channels * samples.itemsize) == {png.UP}
+                path.write_bytes(data)
+                img = load_image(path)
+                assert img.bit_depth == 8 * samples.itemsize and img.gray == (channels <= 2)
+                colour = samples[..., :1] if channels <= 2 else samples[..., :3]
+                np.testing.assert_array_equal(np.round(img.rgb.astype(np.float64) * top),
+                                              np.broadcast_to(colour, (*shape, 3)))
+                if channels in (2, 4):
+                    np.testing.assert_array_equal(np.round(img.alpha.astype(np.float64) * top), samples[..., -1])
+    for bad in (np.zeros((2, 2, 3), np.int32), np.zeros((0, 2, 3), np.uint8), np.zeros((2, 2, 5), np.uint8)):
+        with pytest.raises(ValueError, match="uint8/uint16"):
+            png.encode_png(bad)
+    with pytest.raises(ValueError, match="level"):
+        png.encode_png(np.zeros((2, 2, 3), np.uint8), 10)
+
+
+def test_save_samples_writes_fast_png_levels_and_16_bits_with_encode_png(tmp_path, monkeypatch):
+    calls, encode = [], io_module.encode_png
+    monkeypatch.setattr(io_module, "encode_png", lambda samples, level: calls.append(level) or encode(samples, level))
+    rng = np.random.default_rng(0)
+    for dtype, level, ours in ((np.uint8, 1, True), (np.uint8, io_module.PILLOW_PNG_FROM_LEVEL, False),
+                               (np.uint16, 9, True)):
+        samples, path = rng.integers(0, np.iinfo(dtype).max + 1, (6, 5, 3), dtype=dtype), tmp_path / f"{level}.png"
+        calls.clear()
+        save_samples(path, samples, png_level=level)
+        assert calls == ([level] if ours else [])
+        top = np.iinfo(dtype).max
+        np.testing.assert_array_equal(np.round(load_image(path).rgb.astype(np.float64) * top), samples)
 
 
 @pytest.mark.parametrize("channels,alpha", [(3, False), (3, True), (1, False), (1, True)])

@@ -1,7 +1,5 @@
 """Reading and writing images as float arrays in [0, 1], and numpy <-> torch layout helpers."""
 import io
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +8,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..atomic import write_bytes
+from .png import encode_png
 
+#: 8-bit PNGs at zlib levels from this one are written by Pillow, whose per-row filter choice
+#: makes files a few % smaller; below it (the fast levels) and at 16 bits, by ``png.encode_png``.
+PILLOW_PNG_FROM_LEVEL = 4
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 # 16-bit PNG colour types Pillow would truncate to 8 bits: raw modes that decode the low bytes
@@ -127,20 +129,6 @@ def _quantize(x: np.ndarray, bit_depth: int) -> np.ndarray:
     return np.round(np.clip(np.asarray(x, dtype=np.float64), 0, 1) * top).astype(dtype)
 
 
-def _png16_bytes(samples: np.ndarray, level: int = 6) -> bytes:
-    """A PNG file holding (H, W, C) uint16 samples, C = 1, 2, 3 or 4 (no filtering), zlib ``level``."""
-    h, w, c = samples.shape
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    rows = samples.astype(">u2").reshape(h, w * c).view(np.uint8)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, level)) + chunk(b"IEND", b"")
-
-
 def save_image(path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8, gray: bool = False,
                png_level: int = 6, quality: int | None = None) -> None:
     """Write ``rgb`` (H, W, 3) or (H, W) float in [0, 1] atomically; format from the suffix.
@@ -182,8 +170,9 @@ def _check_bit_depth(path: Path, bit_depth: int) -> None:
 def save_samples(path, samples: np.ndarray, png_level: int = 6, quality: int | None = None) -> None:
     """Write (H, W, C) uint8 or uint16 samples atomically; C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA.
 
-    Format from the suffix; uint16 only as PNG. ``png_level`` is the zlib level (0-9) of PNGs,
-    ``quality`` (1-100, None: Pillow's default) that of JPEG and WebP.
+    Format from the suffix; uint16 only as PNG. ``png_level`` is the zlib level (0-9) of PNGs
+    (see PILLOW_PNG_FROM_LEVEL for who writes them), ``quality`` (1-100, None: Pillow's default)
+    that of JPEG and WebP.
     """
     path = Path(path)
     fmt = _image_format(path)
@@ -193,8 +182,8 @@ def save_samples(path, samples: np.ndarray, png_level: int = 6, quality: int | N
     if samples.shape[2] in (2, 4) and fmt in ("JPEG", "BMP"):
         raise ValueError(f"{path}: {fmt} cannot store an alpha channel")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if samples.dtype == np.uint16:
-        data = _png16_bytes(samples, png_level)
+    if fmt == "PNG" and (samples.dtype == np.uint16 or png_level < PILLOW_PNG_FROM_LEVEL):
+        data = encode_png(samples, png_level)
     else:
         options = {"PNG": {"compress_level": png_level}}.get(fmt, {})
         if quality is not None and fmt in ("JPEG", "WEBP"):
