@@ -1,9 +1,10 @@
 """Bounded image pipeline: decode ahead (threads) -> network (same-size images batched) ->
 encode (a pool of threads), with per-file errors; ``upscale_files`` runs it over file pairs.
 
-Encoding runs in threads: Pillow's PNG/JPEG/WebP encoders and torch release the GIL, and
-bench/bench_pipeline.py measures the scaling (bench/RESULTS.md). Memory stays bounded: at most
-``ahead`` decoded sources, one network batch, and ``encoders`` integer outputs are alive.
+Encoding runs in threads: zlib and NumPy (our PNG writer), Pillow's encoders and torch release
+the GIL, and bench/bench_pipeline.py measures the scaling (bench/RESULTS.md). Memory stays
+bounded: at most ``ahead`` decoded sources, one network batch, and ``encoders`` integer outputs
+are alive.
 """
 from __future__ import annotations
 
