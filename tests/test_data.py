@@ -176,11 +176,15 @@ def test_load_16bit_png_all_filters(tmp_path, channels):
 
 
 def png_filter_types(data: bytes, row_bytes: int) -> set[int]:
-    """The filter type bytes of a PNG file's scanlines (its IDAT chunks, decompressed)."""
+    """The filter type bytes of a PNG file's scanlines (its IDAT chunks, decompressed); asserts
+    that every chunk's CRC is right and no IDAT chunk is empty."""
     stream, at = b"", 8
     while at < len(data):
         length, kind = struct.unpack(">I4s", data[at:at + 8])
-        stream += data[at + 8:at + 8 + length] if kind == b"IDAT" else b""
+        body = data[at + 8:at + 8 + length]
+        assert struct.unpack(">I", data[at + 8 + length:at + 12 + length])[0] == zlib.crc32(kind + body)
+        assert kind != b"IDAT" or length > 0
+        stream += body if kind == b"IDAT" else b""
         at += 12 + length
     raw = zlib.decompress(stream)
     return set(raw[::row_bytes + 1])

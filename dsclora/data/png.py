@@ -41,7 +41,8 @@ def encode_png(samples: np.ndarray, level: int = 1) -> bytes:
     above, parts = np.zeros(row_bytes, np.uint8), [SIGNATURE, *chunk(b"IHDR", header)]
     for r0 in range(0, h, band):
         rows = scanline_bytes(samples[r0:r0 + band])
-        parts += chunk(b"IDAT", compressor.compress(filter_up(rows, above)))
+        piece = compressor.compress(filter_up(rows, above))
+        parts += chunk(b"IDAT", piece) if piece else []  # zlib may hold a band back: no empty chunks
         above = rows[-1]
     parts += chunk(b"IDAT", compressor.flush()) + chunk(b"IEND", b"")
     return b"".join(parts)
