@@ -66,8 +66,8 @@ def pixel_shuffle(y: torch.Tensor, s: int, memory_format=torch.channels_last) ->
     (B, s*s*out, H, W) -> (B, out, sH, sW), out[:, c, s*h + i, s*w + j] = y[:, (i*s + j)*out + c, h, w].
 
     Channels-last y into a channels-last result copies runs of s * out contiguous floats (for
-    each output row, the (j, c) of one LR pixel); on the CPU ~3x faster than a shuffle from
-    PixelShuffle's channel order.
+    each output row, the (j, c) of one LR pixel): on the CPU ~1.9x faster than the same copy
+    from PixelShuffle's channel order, itself ~3x faster than F.pixel_shuffle(...).contiguous().
     """
     b, _, h, w = y.shape
     if memory_format == torch.channels_last:
