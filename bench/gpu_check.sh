@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks for the lent GPU machine (no GPU in CI): bash bench/gpu_check.sh [SECTION...]
-# Sections: perf budget spab affinity infer sanitizer (default: all, in that order). Each is
+# Sections: perf budget spab affinity infer pipeline sanitizer (default: all, in that order). Each is
 # independent, has its own timeout, prints "== section: PASS|FAIL|TIMEOUT (s)" and ends up in the
 # summary table. perf (bench/gpu_perf.py, every figure of #19 and #20) runs first and writes
-# $OUT/gpu_perf.md (./gpu_perf.md without $OUT). Whole run: about 10 minutes on one H100/H200 at
-# most (the section timeouts add up to 14 minutes; perf usually takes under 4).
+# $OUT/gpu_perf.md (./gpu_perf.md without $OUT); pipeline prints #22's GPU folder figure. Whole run:
+# about 10 minutes on one H100/H200 at most (the section timeouts add up to 16 minutes; perf
+# usually takes under 4).
 # PYTHON (default python3) is the interpreter with the CUDA torch: a bare `pip` may be another's.
 set -u
 cd "$(dirname "$0")/.."
@@ -80,6 +81,12 @@ fi
 if want infer; then
   section "infer: CUDA tests" 30 gpu_pytest test_infer.py -k cuda
   section "infer: bench 1x3x339x510 x4 (no compile)" 30 "$PY" bench/bench_infer.py --device cuda --no-compile --no-onnx
+fi
+
+# ==== pipeline: `dsclora infer`'s folder target on this machine (#22: >= 40 images/s or the encode bound) ====
+if want pipeline; then
+  section "pipeline: 64 PNGs 480x270 -> 1080p" 120 "$PY" bench/bench_pipeline.py --device cuda --images 64 \
+    --threads "$(nproc)" --skip levels memory model video
 fi
 
 # ==== sanitizer: compute-sanitizer memcheck on the fused kernels (small sizes) ==================
