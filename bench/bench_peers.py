@@ -2,9 +2,13 @@
 
 One run, one machine: every candidate runs the same SPAN on a real image crop (a 256x256 crop
 of an Urban100 image used as the LR input, x4), fp32 unless labelled, calls interleaved
-round-robin, median per candidate, ratios against the best fp32 peer of this run. Error is
+round-robin, median per candidate, ratios against the best fp32 peer of this run (OpenVINO's
+default too where it picks f32, as on CPUs without bf16 instructions). Error is
 max |y - float64 eager PyTorch| over the output (and the mean). OpenVINO is optional: skipped
-with a note when not installed.
+with a note when not installed. A roofline line follows the table: the network's FLOPs (as
+direct convolutions, and as the fused kernels multiply: Winograd F(2, 3) along the rows in the
+SPABs), two limits of the same threads measured in the same run (a large sgemm, and the FMA peak
+of ``fma_peak.cpp``), and the rate 2x the best fp32 peer would take.
 
     python bench/bench_peers.py                         # DSCF x4, 2 threads, 7 rounds
     DSCLORA_CPU_ISA=avx2 python bench/bench_peers.py    # another ISA path of the fused kernels
@@ -13,12 +17,15 @@ import argparse
 import importlib.util
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
 
+from dsclora import timing
 from dsclora_kernels import _native
 from dsclora.data.io import image_to_tensor, load_image
 from dsclora.export import export_onnx
@@ -89,6 +96,49 @@ def openvino_precision(path_hint: str = "CPU") -> str:
     return precision.get_type_name() if hasattr(precision, "get_type_name") else str(precision)
 
 
+def network_gflop(merged, h: int, w: int) -> tuple[float, float]:
+    """(direct, fused) GFLOP of one forward at LR h x w: 2 per multiply-add of every conv/GEMM;
+    "fused" counts the SPABs' 3x3 convolutions at 6 instead of 9 multiply-adds per output and
+    input channel (Winograd F(2, 3) along the rows, csrc/cpu/spab_kernel.h)."""
+    def conv(weight):  # (Cout, Cin, k, k) or (Cin, Cout) for the conv_cat GEMMs
+        return 2 * weight.numel() * h * w
+    spab = sum(conv(t) for block in merged.blocks for t in block[0::2])
+    rest = sum(conv(t) for t in (merged.conv_1[0], merged.tail[0], merged.cat_rest, merged.upsampler[0]))
+    return (spab + rest) / 1e9, (spab * 6 / 9 + rest) / 1e9
+
+
+def sgemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of torch.mm on n x n float32 at ``threads`` threads: best of ``repeats``."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = min(timing.interleaved({"mm": lambda: torch.mm(a, b)}, "cpu", 1, repeats)["mm"])
+    return 2 * n**3 / seconds / 1e9
+
+
+def fma_peak_gflops(threads: int) -> float | None:
+    """GFLOP/s of ``fma_peak.cpp`` (independent FMA chains on every thread), built here with
+    the system's c++; None, with a note, without one."""
+    compiler = shutil.which("c++")
+    if compiler is None:
+        print("no c++ compiler: the FMA peak is not measured")
+        return None
+    binary = Path(tempfile.mkdtemp()) / "fma_peak"
+    source = Path(__file__).with_name("fma_peak.cpp")
+    subprocess.run([compiler, "-O3", "-march=native", "-pthread", str(source), "-o", str(binary)], check=True)
+    return float(subprocess.run([str(binary), str(threads)], check=True, capture_output=True, text=True).stdout)
+
+
+def roofline_line(merged, x: torch.Tensor, best_ms: float, fused_ms: float, threads: int) -> str:
+    """The network's FLOPs, the two limits of these cores, and what 2x the best peer needs."""
+    direct, fused = network_gflop(merged, *x.shape[-2:])
+    needed = fused / (best_ms / 2e3)
+    limits = {"sgemm": sgemm_gflops(threads), "FMA peak": fma_peak_gflops(threads)}
+    shares = lambda rate: ", ".join(f"{100 * rate / v:.0f} % of {k}" for k, v in limits.items() if v)  # noqa: E731
+    return (f"roofline: {direct:.2f} GFLOP as direct convolutions, {fused:.2f} as the fused kernels "
+            f"multiply; {threads} threads: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in limits.items() if v)
+            + f"; the fused network runs {fused / fused_ms * 1e3:.0f} GFLOP/s ({shares(fused / fused_ms * 1e3)}); "
+            f"2x the best fp32 peer ({best_ms / 2:.1f} ms) needs {needed:.0f} GFLOP/s ({shares(needed)})")
+
+
 def cpu_line() -> str:
     """CPU model, the SIMD flags that matter here, and the load average."""
     model, flags = platform.processor(), set()
@@ -123,6 +173,8 @@ def main() -> None:
     times = time_interleaved(fns, x, {n: torch.float32 for n in fns}, "cpu", 2, args.rounds)
     medians = {name: statistics.median(t) for name, t in times.items()}
     peers = [n for n in PEERS if n in medians]
+    if openvino_precision() == "f32" and "openvino default" in medians:
+        peers.append("openvino default")  # f32 on this CPU: an fp32 peer too
     best = min(peers, key=medians.get)
     print(cpu_line())
     print(f"torch {torch.__version__}, fused kernels ISA {_native.isa('spab')}, "
@@ -135,6 +187,7 @@ def main() -> None:
         error = (fn(x).double() - truth).abs()
         print(f"| {name} | {medians[name]:.1f} | {min(times[name]):.1f} | "
               f"{medians[best] / medians[name]:.2f}x | {error.max():.1e} | {error.mean():.1e} |")
+    print(roofline_line(merge_span(model), x, medians[best], medians["dsclora fused fp32"], args.threads))
 
 
 if __name__ == "__main__":
