@@ -6,15 +6,18 @@ import stat
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from dsclora.cli import main as cli_main
-from dsclora_kernels import spab_reference, use_backend
+from dsclora_kernels import _log, spab_reference, use_backend
 from dsclora.data.io import load_image, save_image
 from dsclora.infer import (
     RECEPTIVE_RADIUS, DownloadError, FusedSpan, RemoteWeights, Upscaler, fetch, load, merge_span,
 )
+from dsclora.infer import precision
 from dsclora.infer.batch import expand_inputs, output_paths
+from dsclora.infer.merge import add_border_correction
 from dsclora.infer.tiling import upscale_adaptive, upscale_tiled
 from dsclora.infer.weights import cache_dir
 from dsclora.models import SPAN, load_model
@@ -193,6 +196,45 @@ def test_out_of_memory_halves_the_tile():
     out = upscale_adaptive(fn, x, 2, None, pad=4)
     torch.testing.assert_close(out, x.repeat_interleave(2, 2).repeat_interleave(2, 3) * 3)
     assert attempts[:2] == [130, 65 + 4] and max(done) <= 60  # whole image, then 65, then 32
+
+
+def test_bfloat16_network_reads_the_image_in_float32():
+    """bf16 does not hold 8-bit levels: conv_1 and its border correction run in float32 on the
+    float32 input, and the first block gets that result rounded once to bf16."""
+    merged = merge_span(random_span(8))
+    blocks_in = []
+
+    def block(h, *weights):
+        blocks_in.append(h)
+        return h, h
+
+    x = (torch.randint(0, 256, (1, 3, 7, 9)) / 255).contiguous(memory_format=torch.channels_last)
+    FusedSpan(merged, dtype=torch.bfloat16, spab=block)(x)
+    weight, bias = (t.float() for t in merged.conv_1)
+    border = {k: t.float() for k, t in merged.conv_1_border.items()}
+    expected = add_border_correction(F.conv2d(x, weight, bias, padding=1), border).bfloat16()
+    assert blocks_in[0].dtype == torch.bfloat16
+    torch.testing.assert_close(blocks_in[0], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("native,says", [([], "emulated: this CPU has no bfloat16 instructions"),
+                                         (["amx_bf16"], "oneDNN on this CPU's amx_bf16")])
+def test_half_precision_on_the_cpu_says_what_runs(monkeypatch, native, says):
+    monkeypatch.setattr(_log, "FALLBACKS", {})
+    monkeypatch.setattr(precision, "native_instructions", lambda dtype: native)
+    with pytest.warns(RuntimeWarning, match=says):
+        FusedSpan(merge_span(random_span(8)), dtype=torch.bfloat16)
+    assert "fused CPU kernels compute in float32 only" in _log.FALLBACKS["infer:cpu:bfloat16"]
+
+
+def test_dsclora_info_says_which_low_precision_this_cpu_computes(monkeypatch):
+    from dsclora.info import report
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert precision.describe() == "bfloat16 native (amx_bf16), float16 emulated (no amx_fp16)"
+    assert precision.describe() in report()
 
 
 def test_non_finite_half_precision_output_is_recomputed_in_float32():
