@@ -5,6 +5,8 @@
   configuration other compilers (MSVC) get. `.ci/run` installs the compilers and sets
   DSCLORA_REQUIRE_CROSS_COMPILERS=1, so there a missing compiler fails instead of skipping.
 * A failed extension build does not fail the install; the reason reaches `dsclora info` and the op.
+* The avx512 copies' geometry (16-float vectors, their register tiles) runs, exactly, on any CPU: in
+  a test build whose portable copy has it.
 * Only checked CPU memory reaches C++ (dsclora_kernels._native); DSCLORA_CPU_ISA chooses the
   instruction set; an exception on a C++ worker thread becomes a Python error.
 """
@@ -74,12 +76,12 @@ def test_every_source_compiles_without_warnings(config, tmp_path):
 
 # ---- a failed build ----
 
-def _build_ext(tmp_path, **env):
-    """Run setup.py's build_ext into tmp_path with ``env`` added; it must exit 0.
+def _build_ext(tmp_path, *options, **env):
+    """Run setup.py's build_ext into tmp_path with ``options`` and ``env`` added; it must exit 0.
     Returns (the finished process, the build report it wrote)."""
     result = subprocess.run(
         [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
-         "--build-temp", str(tmp_path / "tmp")],
+         "--build-temp", str(tmp_path / "tmp"), *options],
         cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -135,6 +137,36 @@ def test_inplace_build_reports_next_to_the_sources_and_survives_a_failed_module(
     outcomes = json.loads((tmp_path / "dsclora_kernels" / _extension.BUILD_REPORT.name).read_text())
     assert list(outcomes) == ["metrics"] and "C++ build failed" in outcomes["metrics"]
     assert not list((tmp_path / "dsclora_kernels").glob("_metrics*"))
+
+
+def test_the_avx512_geometry_is_exact_on_any_cpu(tmp_path):
+    """The avx512 copies run only on AVX-512 CPUs. Built with -DDSCLORA_GENERIC_VECTOR_BYTES=64,
+    the portable copy has their geometry (16 floats a vector, 24-accumulator tiles of up to 4
+    channels, the affinity tiles; only the 1:1 intrinsic wrappers differ), so the spab and
+    affinity tests run that code against the references here, in a child with that build."""
+    if not (ROOT / "setup.py").is_file():
+        pytest.skip("no setup.py next to the tests (an installed package only)")
+    pytest.importorskip("pybind11")
+    if "avx512" in _native.supported_isas("spab"):
+        pytest.skip("this CPU runs the avx512 copies themselves (the cpu_isa tests)")
+    _build_ext(tmp_path, "--parallel", str(os.cpu_count() or 1), DSCLORA_EXTENSIONS="spab,affinity",
+               CPPFLAGS="-DDSCLORA_GENERIC_VECTOR_BYTES=64")
+    package = tmp_path / "path" / "dsclora_kernels"
+    shutil.copytree(ROOT / "dsclora_kernels", package,
+                    ignore=shutil.ignore_patterns("_*.so", "_*.pyd", _extension.BUILD_REPORT.name, "__pycache__"))
+    for built in (tmp_path / "lib" / "dsclora_kernels").iterdir():
+        shutil.copy(built, package)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package.parent), str(ROOT)]), "DSCLORA_CPU_ISA": "generic"}
+    probe = "from dsclora_kernels import _extension; m = _extension.load('spab'); print(m.__file__, m.vector_floats('generic'))"
+    where, floats = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, check=True,
+                                   capture_output=True, text=True).stdout.split()
+    assert Path(where).parent == package and floats == "16"
+    tests = [str(ROOT / "tests" / name) for name in ("test_spab.py", "test_affinity.py")]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests,
+                             "-k", "not avx2 and not avx512 and not cuda and not triton"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1]
 
 
 def test_extensions_are_the_cpu_sources():

@@ -19,6 +19,14 @@
 #define DSCLORA_X86 1  // the avx2 and avx512 paths are compiled
 #endif
 
+// The generic copy's vector size in bytes (isa_copies.h, spab_simd.h). A test build sets 64
+// (-DDSCLORA_GENERIC_VECTOR_BYTES=64): the portable copy then has the avx512 copy's geometry (16
+// floats a vector, its register tiles), so that a CPU without AVX-512 runs that geometry's code
+// against the references (tests/test_portability.py). Releases keep 16.
+#ifndef DSCLORA_GENERIC_VECTOR_BYTES
+#define DSCLORA_GENERIC_VECTOR_BYTES 16
+#endif
+
 #define DSCLORA_PRAGMA(...) _Pragma(#__VA_ARGS__)
 
 #ifdef DSCLORA_GNU

@@ -10,6 +10,8 @@
 // DSCLORA_X86), each with simd_vector.h and the constants
 //   kIsa          that copy's cpu::Isa (a body derives its own tuning from it)
 //   kVectorBytes  its SIMD width: 16 (SSE2, NEON, plain C++), 32 (AVX2), 64 (AVX-512).
+//                 A body derives its tuning from kVectorBytes where the avx512 copy's differs, so
+//                 that the test build of cpu_features.h gives generic that geometry.
 // Every function of an x86 copy, lambdas included, is compiled for that instruction set: the copy
 // sits in a target region (DSCLORA_TARGET_PUSH) rather than having an attribute on each function,
 // so that no helper can miss it (a function without the target cannot inline an intrinsic, an
@@ -26,7 +28,7 @@
 
 namespace generic {
 constexpr ::dsclora::cpu::Isa kIsa = ::dsclora::cpu::Isa::generic;
-constexpr int kVectorBytes = 16;
+constexpr int kVectorBytes = DSCLORA_GENERIC_VECTOR_BYTES;  // 16 but in a test build (cpu_features.h)
 #include "simd_vector.h"
 #include DSCLORA_ISA_BODY
 }  // namespace generic

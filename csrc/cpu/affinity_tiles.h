@@ -11,7 +11,7 @@
 template <typename T> using Vec = Vector<T, kVectorBytes>;
 
 constexpr int kTileColumns = 6;  // columns j per difference micro-tile
-constexpr int kTileChannels = kIsa == cpu::Isa::avx512 ? 12 : 6;  // channels per gradient micro-tile
+constexpr int kTileChannels = kVectorBytes == 64 ? 12 : 6;  // channels per gradient micro-tile (avx512: 12)
 
 template <typename T> constexpr int kLanes = kVectorBytes / sizeof(T);
 constexpr int kGroupVectors = 2;  // vectors of rows i per micro-tile

@@ -209,6 +209,8 @@ void solve(P& pb, const Shape& shape, int threads, const std::string& isa_name, 
   DSCLORA_ISA_CALL(isa, run(pb, tl, threads));
 }
 
+int vector_floats(const std::string& isa_name) { return DSCLORA_ISA_CALL(cpu::resolve(isa_name, "spab"), VW); }
+
 void pack(const TensorArg& w, const TensorArg& packed, const std::string& isa_name) {
   const int64_t C = dsclora::view<float, 4>(w, "spab: w").shape[0];
   const float* src = contiguous(w, Shape{C, C, 3, 3}, "w");
@@ -265,6 +267,7 @@ PYBIND11_MODULE(_spab, m) {
   m.doc() = "Fused SPAB block (float32, CPU): forward, the backward's recompute and conv steps. Tensors are "
             "TensorArgs (address, dtype, shape, strides) made by dsclora_kernels._native.";
   m.def("supported_isas", &dsclora::cpu::supported_names, "Instruction sets this CPU runs, best first.");
+  m.def("vector_floats", &s::vector_floats, py::arg("isa") = "auto", "Floats per vector of `isa`'s copy (4 generic, 8 avx2, 16 avx512).");
   m.def("packed_floats", &s::packed_floats, py::arg("C"), "Size of `pack`'s output for C channels.");
   m.def("pack", &s::pack, py::arg("w"), py::arg("packed"), py::arg("isa") = "auto",
         "Weight w (C, C, 3, 3) contiguous -> packed (packed_floats(C),) in the layout of the kernel for `isa`: "

@@ -26,12 +26,13 @@ namespace simd {
 
 template <cpu::Isa> struct Simd;
 
-// Every CPU: 16-byte vectors (SSE2 on x86-64, NEON on ARM, plain C++ without vector extensions).
+// Every CPU: 16-byte vectors (SSE2 on x86-64, NEON on ARM, plain C++ without vector extensions);
+// in the test build of cpu_features.h, 64-byte ones with the avx512 traits' tiles.
 template <>
 struct Simd<cpu::Isa::generic> {
-  using reg = simd::Vector<float, 16>;
-  static constexpr int width = 4;
-#ifdef __aarch64__  // 32 vector registers
+  using reg = simd::Vector<float, DSCLORA_GENERIC_VECTOR_BYTES>;
+  static constexpr int width = DSCLORA_GENERIC_VECTOR_BYTES / 4;
+#if defined(__aarch64__) || DSCLORA_GENERIC_VECTOR_BYTES == 64  // 32 vector registers (or as avx512)
   static constexpr int acc_regs = 24;
   static constexpr int max_block = 4;
 #else
