@@ -130,13 +130,17 @@ def fma_peak_gflops(threads: int) -> float | None:
 def roofline_line(merged, x: torch.Tensor, best_ms: float, fused_ms: float, threads: int) -> str:
     """The network's FLOPs, the two limits of these cores, and what 2x the best peer needs."""
     direct, fused = network_gflop(merged, *x.shape[-2:])
-    needed = fused / (best_ms / 2e3)
-    limits = {"sgemm": sgemm_gflops(threads), "FMA peak": fma_peak_gflops(threads)}
-    shares = lambda rate: ", ".join(f"{100 * rate / v:.0f} % of {k}" for k, v in limits.items() if v)  # noqa: E731
-    return (f"roofline: {direct:.2f} GFLOP as direct convolutions, {fused:.2f} as the fused kernels "
-            f"multiply; {threads} threads: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in limits.items() if v)
-            + f"; the fused network runs {fused / fused_ms * 1e3:.0f} GFLOP/s ({shares(fused / fused_ms * 1e3)}); "
-            f"2x the best fp32 peer ({best_ms / 2:.1f} ms) needs {needed:.0f} GFLOP/s ({shares(needed)})")
+    measured = {"sgemm": sgemm_gflops(threads), "FMA peak": fma_peak_gflops(threads)}
+    limits = {name: rate for name, rate in measured.items() if rate}
+
+    def rate(ms: float) -> str:  # the fused kernels' GFLOP in ms, and its share of each limit
+        gflops = fused / ms * 1e3
+        return f"{gflops:.0f} GFLOP/s (" + ", ".join(f"{100 * gflops / v:.0f} % of {k}" for k, v in limits.items()) + ")"
+
+    return (f"roofline: {direct:.2f} GFLOP as direct convolutions, {fused:.2f} as the fused kernels multiply; "
+            f"{threads} threads: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in limits.items())
+            + f"; the fused network runs {rate(fused_ms)}; 2x the best fp32 peer ({best_ms / 2:.1f} ms) "
+            f"needs {rate(best_ms / 2)}")
 
 
 def cpu_line() -> str:
