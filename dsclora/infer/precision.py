@@ -4,7 +4,8 @@ import torch
 from dsclora_kernels._log import fallback
 
 #: The CPU instructions that compute each low precision natively (torch.cpu's private probes,
-#: stable since torch 2.1), as /proc/cpuinfo names them.
+#: stable since torch 2.1), as /proc/cpuinfo names them; amx_bf16 through the AMX tile probe
+#: (every AMX CPU so far has AMX-BF16).
 NATIVE_INSTRUCTIONS = {
     torch.bfloat16: {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"},
     torch.float16: {"amx_fp16": "_is_amx_fp16_supported"},
