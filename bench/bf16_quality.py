@@ -17,6 +17,8 @@ their products to bf16 and accumulate in fp32; the variants differ in what else 
 - ``PyTorch bf16``: ``FusedSpan`` in bfloat16 without a bf16 fused kernel, what
   ``dsclora.infer.load(..., dtype=torch.bfloat16)`` runs on the CPU: weights, activations and
   pointwise math in bf16 (conv_1 in fp32, as ``FusedSpan`` does in bf16 everywhere).
+- ``fp16 products, fp16 between layers``: for comparison, the GPU's default precision with fp32
+  accumulation and epilogues (as the Triton SPAB computes it) and fp16 storage.
 
     DSCLORA_SHARED=../shared python bench/bf16_quality.py [--weights W] [--images DIR]
 """
@@ -37,46 +39,45 @@ from dsclora_kernels import spab_reference
 from bench_infer import DEFAULT_WEIGHTS, SHARED, build_model
 
 
-def to_bf16(t: torch.Tensor) -> torch.Tensor:
-    """t rounded to the nearest bfloat16 (ties to even), kept in t's dtype."""
-    return t.to(torch.bfloat16).to(t.dtype)
-
-
-class BF16Products(TorchFunctionMode):
+class LowPrecisionProducts(TorchFunctionMode):
     """Rounds the operands of every conv2d (but those with a weight in ``fp32_weights``) and
-    addmm to bf16 (fp32 accumulation); with ``outputs``, also conv2d's outputs outside the
+    addmm to ``dtype`` (fp32 accumulation); with ``outputs``, also conv2d's outputs outside the
     SPABs (the tensors stored between kernels)."""
 
-    def __init__(self, outputs: bool, fp32_weights=()):
+    def __init__(self, dtype: torch.dtype, outputs: bool, fp32_weights=()):
         super().__init__()
-        self.outputs, self.fp32_weights, self.in_block = outputs, fp32_weights, False
+        self.dtype, self.outputs, self.fp32_weights, self.in_block = dtype, outputs, fp32_weights, False
+
+    def round(self, t: torch.Tensor) -> torch.Tensor:
+        """t rounded to the nearest ``dtype`` value (ties to even), kept in t's dtype."""
+        return t.to(self.dtype).to(t.dtype)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.conv2d:
             x, weight, *rest = args
             if not any(weight is w for w in self.fp32_weights):
-                x, weight = to_bf16(x), to_bf16(weight)
+                x, weight = self.round(x), self.round(weight)
             y = func(x, weight, *rest, **kwargs)
-            return to_bf16(y) if self.outputs and not self.in_block else y
+            return self.round(y) if self.outputs and not self.in_block else y
         if func in (torch.Tensor.addmm_, torch.addmm):
             rows, a, b = args
-            return func(rows, to_bf16(a), to_bf16(b), **kwargs)
+            return func(rows, self.round(a), self.round(b), **kwargs)
         return func(*args, **kwargs)
 
     def spab(self, x, *weights):
-        """spab_reference, its outputs rounded to bf16 when they are stored as bf16."""
+        """spab_reference, its outputs rounded when they are stored in ``dtype``."""
         self.in_block = True
         try:
             out, h1 = spab_reference(x, *weights)
         finally:
             self.in_block = False
-        return (to_bf16(out), to_bf16(h1)) if self.outputs else (out, h1)
+        return (self.round(out), self.round(h1)) if self.outputs else (out, h1)
 
 
-def emulated(merged, outputs: bool, conv_1_fp32: bool):
-    """fn(x float32) -> float32 output of FusedSpan with bf16 products (see the module doc)."""
-    mode = BF16Products(outputs)
+def emulated(merged, outputs: bool, conv_1_fp32: bool, dtype=torch.bfloat16):
+    """fn(x float32) -> float32 output of FusedSpan with ``dtype`` products (see the module doc)."""
+    mode = LowPrecisionProducts(dtype, outputs)
     network = FusedSpan(merged, "cpu", torch.float32, spab=mode.spab)
     if conv_1_fp32:
         mode.fp32_weights = (network.conv_1[0],)
@@ -97,6 +98,7 @@ def variants(merged) -> dict:
         "bf16 products, conv_1 fp32": emulated(merged, outputs=False, conv_1_fp32=True),
         "bf16 products, conv_1 fp32, bf16 between layers": emulated(merged, outputs=True, conv_1_fp32=True),
         "PyTorch bf16": lambda x: bf16(x).float(),
+        "fp16 products, fp16 between layers": emulated(merged, outputs=True, conv_1_fp32=False, dtype=torch.float16),
     }
 
 
