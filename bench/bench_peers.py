@@ -177,12 +177,13 @@ def main() -> None:
     times = time_interleaved(fns, x, {n: torch.float32 for n in fns}, "cpu", 2, args.rounds)
     medians = {name: statistics.median(t) for name, t in times.items()}
     peers = [n for n in PEERS if n in medians]
-    if openvino_precision() == "f32" and "openvino default" in medians:
+    default_precision = openvino_precision()
+    if default_precision == "f32" and "openvino default" in medians:
         peers.append("openvino default")  # f32 on this CPU: an fp32 peer too
     best = min(peers, key=medians.get)
     print(cpu_line())
     print(f"torch {torch.__version__}, fused kernels ISA {_native.isa('spab')}, "
-          f"OpenVINO default precision {openvino_precision()}; SPAN x{model.upscale} "
+          f"OpenVINO default precision {default_precision}; SPAN x{model.upscale} "
           f"C={model.feature_channels}, LR {tuple(x.shape)} crop of {Path(args.image).name}, "
           f"{args.threads} threads, median of {args.rounds} interleaved rounds")
     print(f"| candidate | ms | min ms | {best} / this | max error | mean error |")

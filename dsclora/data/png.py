@@ -2,7 +2,7 @@
 
 Pillow's PNG writer chooses a filter per row by trying all five, which at low zlib levels costs
 more than the compression itself. Here every row is filtered with Up (one subtraction from the
-row above: PNG §9.2): on upscaled 1080p photos at level 1, 1.5x faster than Pillow for files ~6 %
+row above: PNG §9.2): on upscaled 1080p photos at level 1, 1.7x faster than Pillow for files ~6 %
 larger (bench/RESULTS.md), so ``save_samples`` uses it for the fast levels and for 16-bit
 samples, which Pillow cannot write, and leaves the size-minded levels to Pillow. The filter and
 zlib release the GIL, and rows are filtered and compressed a band at a time, so the scratch
